@@ -1,0 +1,247 @@
+"""The ``raftkv`` command.
+
+Exit codes: 0 ok; 1 key not found or precondition failed; 2 usage error;
+3 cluster unavailable. Every error is one line on stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from raftkv.errors import PreconditionFailed, RaftKVError
+from raftkv.localcluster import DEFAULT_DIR, ClusterError, LocalCluster
+
+EXIT_OK, EXIT_NOT_FOUND, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
+
+
+def fail(message: str, code: int) -> NoReturn:
+    click.echo(f"raftkv: {message}", err=True)
+    sys.exit(code)
+
+
+def cluster_dir_option(f: Any) -> Any:
+    return click.option(
+        "--cluster", "--dir", "cluster_dir", type=click.Path(file_okay=False, path_type=Path),
+        default=lambda: os.environ.get("RAFTKV_CLUSTER", str(DEFAULT_DIR)),
+        show_default="$RAFTKV_CLUSTER or ~/.raftkv/local",
+        help="Cluster directory.",
+    )(f)
+
+
+def open_cluster(cluster_dir: Path) -> LocalCluster:
+    try:
+        return LocalCluster(cluster_dir)
+    except Exception as exc:  # ConfigError and file errors: one line, exit 3
+        fail(str(exc), EXIT_UNAVAILABLE)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """raftkv: a consistency-first distributed key/value store."""
+
+
+@cli.command()
+@cluster_dir_option
+@click.option("--nodes", type=click.IntRange(1, 9), default=3, show_default=True)
+@click.option("--timeout-s", type=float, default=30.0, show_default=True)
+def up(cluster_dir: Path, nodes: int, timeout_s: float) -> None:
+    """Start a local cluster in the background (restart it if DIR has one).
+
+    Returns once every physical shard has a leader.
+    """
+    try:
+        cluster = LocalCluster.open_or_create(cluster_dir, nodes=nodes)
+        cluster.start(timeout_s)
+    except ClusterError as exc:
+        fail(str(exc), EXIT_UNAVAILABLE)
+    leaders = cluster.leaders()
+    click.echo(f"cluster up at {cluster.directory}: {len(cluster.node_ids)} nodes, "
+               f"leaders {', '.join(f'shard {s}: {n}' for s, n in sorted(leaders.items()))}")
+
+
+@cli.command()
+@cluster_dir_option
+def down(cluster_dir: Path) -> None:
+    """Stop the local cluster's node processes (data is kept)."""
+    cluster = open_cluster(cluster_dir)
+    cluster.stop()
+    click.echo(f"cluster at {cluster.directory} stopped")
+
+
+@cli.command()
+@click.option("--cluster", "cluster_dir", required=True,
+              type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--id", "node_id", required=True, help="Node id from cluster.json.")
+@click.option("--data", "data_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=None, help="Data directory (default: CLUSTER/ID).")
+@click.option("--log-level", default="WARNING", show_default=True)
+def node(cluster_dir: Path, node_id: str, data_dir: Path | None, log_level: str) -> None:
+    """Run one node process in the foreground (``up`` starts these for you)."""
+    import logging
+
+    from raftkv.server.node import run_node
+
+    logging.basicConfig(level=log_level.upper(),
+                        format=f"%(asctime)s {node_id} %(levelname)s %(name)s: %(message)s")
+    run_node(cluster_dir, node_id, data_dir)
+
+
+@cli.command()
+@cluster_dir_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (stable).")
+def status(cluster_dir: Path, as_json: bool) -> None:
+    """Nodes and physical shards of the cluster."""
+    from raftkv_cli.status import cluster_status, render_status
+
+    cluster = open_cluster(cluster_dir)
+    report = cluster_status(cluster)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        render_status(report)
+    if not any(n["alive"] for n in report["nodes"]):
+        sys.exit(EXIT_UNAVAILABLE)
+
+
+# -- data commands -----------------------------------------------------------------
+
+def value_options(f: Any) -> Any:
+    f = click.option("--hex", "as_hex", is_flag=True, help="Values are hex-encoded bytes.")(f)
+    return f
+
+
+def decode_value(value: str, as_hex: bool) -> bytes:
+    if as_hex:
+        try:
+            return bytes.fromhex(value)
+        except ValueError:
+            raise click.BadParameter(f"not hex: {value!r}") from None
+    return value.encode()
+
+
+def with_client(cluster_dir: Path, action: Any) -> Any:
+    from raftkv.client import Client
+
+    cluster = open_cluster(cluster_dir)
+    try:
+        with Client(cluster.client_addresses(), retry_budget_s=10.0) as kv:
+            return action(kv)
+    except PreconditionFailed as exc:
+        current = exc.details.get("current")
+        shown = "absent" if current is None else repr(bytes(current))[1:]
+        fail(f"precondition failed: the key holds {shown}", EXIT_NOT_FOUND)
+    except RaftKVError as exc:
+        definite = "did not happen" if exc.definite else "may or may not have happened"
+        code = EXIT_UNAVAILABLE if exc.code in (
+            "CLUSTER_UNAVAILABLE", "TIMEOUT", "CONNECTION_LOST", "OUTCOME_UNKNOWN",
+            "UNAVAILABLE") else EXIT_NOT_FOUND
+        fail(f"{exc.code}: {exc.message} (the operation {definite})", code)
+
+
+@cli.command()
+@cluster_dir_option
+@click.argument("key")
+@click.argument("value", required=False)
+@click.option("--file", "value_file", type=click.File("rb"), help="Read the value from a file.")
+@value_options
+def put(cluster_dir: Path, key: str, value: str | None, value_file: Any, as_hex: bool) -> None:
+    """Set KEY to VALUE."""
+    if (value is None) == (value_file is None):
+        raise click.UsageError("give exactly one of VALUE or --file")
+    data = value_file.read() if value_file is not None else decode_value(value or "", as_hex)
+    result = with_client(cluster_dir, lambda kv: kv.put(key, data))
+    click.echo(f"OK index={result.index}")
+
+
+@cli.command()
+@cluster_dir_option
+@click.argument("key")
+@value_options
+@click.option("--eventual", is_flag=True, help="Read any replica (may be stale).")
+def get(cluster_dir: Path, key: str, as_hex: bool, eventual: bool) -> None:
+    """Print the value of KEY (exit 1 if absent)."""
+    value = with_client(
+        cluster_dir, lambda kv: kv.get(key, consistency="eventual" if eventual else "strong"))
+    if value is None:
+        fail(f"key {key!r} not found", EXIT_NOT_FOUND)
+    if as_hex:
+        click.echo(value.hex())
+    else:
+        sys.stdout.buffer.write(value + b"\n")
+
+
+@cli.command()
+@cluster_dir_option
+@click.argument("key")
+def delete(cluster_dir: Path, key: str) -> None:
+    """Delete KEY (exit 1 if it did not exist)."""
+    existed = with_client(cluster_dir, lambda kv: kv.delete(key))
+    if not existed:
+        fail(f"key {key!r} not found", EXIT_NOT_FOUND)
+    click.echo("OK")
+
+
+@cli.command()
+@cluster_dir_option
+@click.argument("key")
+@click.option("--expect", help="Current value required.")
+@click.option("--expect-absent", is_flag=True, help="Require the key to be absent.")
+@click.option("--value", "new_value", required=True, help="New value.")
+@value_options
+def cas(cluster_dir: Path, key: str, expect: str | None, expect_absent: bool, new_value: str,
+        as_hex: bool) -> None:
+    """Set KEY to --value only if it holds --expect (or is absent)."""
+    if (expect is None) == (not expect_absent):
+        raise click.UsageError("give exactly one of --expect or --expect-absent")
+    expected = None if expect_absent else decode_value(expect or "", as_hex)
+    data = decode_value(new_value, as_hex)
+    result = with_client(cluster_dir, lambda kv: kv.cas(key, expected, data))
+    click.echo(f"OK index={result.index}")
+
+
+@cli.command()
+@click.option("--dir", "cluster_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=None, help="Demo directory, wiped first (default ~/.raftkv/demo).")
+@click.option("--keys", type=click.IntRange(1), default=2000, show_default=True)
+@click.option("--clients", type=click.IntRange(1), default=16, show_default=True)
+@click.option("--keep", is_flag=True, help="Leave the cluster running afterwards.")
+def demo(cluster_dir: Path | None, keys: int, clients: int, keep: bool) -> None:
+    """Start a fresh local cluster, run a workload, kill the leader, verify, stop."""
+    from raftkv_cli.demo import run_demo
+
+    code = run_demo(cluster_dir, keys=keys, clients=clients, keep=keep)
+    sys.exit(code)
+
+
+@cli.command()
+@cluster_dir_option
+@click.option("--clients", "client_counts", default="1,16,64", show_default=True,
+              help="Comma-separated client counts.")
+@click.option("--duration-s", type=float, default=5.0, show_default=True)
+@click.option("--value-bytes", type=click.IntRange(1), default=100, show_default=True)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="Write results as JSON here.")
+def bench(cluster_dir: Path, client_counts: str, duration_s: float, value_bytes: int,
+          json_path: Path | None) -> None:
+    """Puts and strong gets against a fresh local cluster at several client counts."""
+    from raftkv_cli.bench import run_bench
+
+    try:
+        counts = [int(c) for c in client_counts.split(",") if c.strip()]
+    except ValueError:
+        raise click.BadParameter(f"not a list of integers: {client_counts!r}") from None
+    sys.exit(run_bench(cluster_dir, counts, duration_s, value_bytes, json_path))
+
+
+def main() -> None:
+    cli(prog_name="raftkv")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,315 @@
+"""A durable Raft journal for pysyncobj (DESIGN section 5).
+
+pysyncobj's own FileJournal is an mmap that is never msync'd, and its term/vote
+meta file is renamed without fsync: an acknowledged write can vanish on a
+crash. This journal implements the same interface, with:
+
+- **append without sync, ``sync()`` before anything leaves the node.** The
+  replica's transport calls ``sync()`` before every message it sends, so a
+  follower's ack and a leader's append-entries go out only once the entries
+  they cover are on disk (group commit: one fdatasync covers every entry
+  appended since the last one). A lone node syncs before it applies.
+- **segments**: records go to ``seg-NNNNNNNN.log`` files; compaction
+  (``deleteEntriesTo``) and ``clear`` start a new segment and record in the meta
+  file where the log begins, then delete whole segments, so neither rewrites data.
+- **checked records**: ``u32 length | u32 crc32 | u64 index | u64 term | command``.
+  Loading stops at the first torn or corrupt record or index gap and truncates
+  the file there: only an unsynced tail can be lost, which no one was told of.
+- **Raft's truncation rule**: pysyncobj's follower deletes its whole log tail
+  whenever an append-entries message starts before its last entry (which
+  happens when a late reply moves the leader's nextIndex back), and re-adds
+  only what the message carries: committed entries that counted toward a
+  majority can vanish from disk until the next message. Here
+  ``deleteEntriesFrom`` only marks the position; a following ``add`` of an
+  entry with the same index and term as the one on disk keeps it (Raft's log
+  matching property), and only a conflicting entry truncates. ``on_conflict``
+  is told the index of every real truncation so the replica can stop if an
+  applied entry would be replaced.
+- **meta** (term, vote, commit index, log start) is replaced with tmp + fsync
+  + rename + fsync of the directory. Term and vote are stored before
+  pysyncobj sends the vote that depends on them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import threading
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import cbor2
+from pysyncobj.journal import Journal
+
+from raftkv.storage.leveldb import fsync_dir, write_file_durably
+
+log = logging.getLogger(__name__)
+
+_RECORD_HEAD = struct.Struct("<IIQQ")  # body length, crc32(body), index, term
+_BODY_FIXED = 16  # index + term are the first 16 bytes of the crc'd body
+
+Entry = tuple[bytes, int, int]  # (command, index, term), as pysyncobj stores them
+
+
+class DurableJournal(Journal):  # type: ignore[misc]
+    """pysyncobj Journal whose appends become durable at ``sync()``."""
+
+    def __init__(self, directory: Path, sync_fn: Callable[[int], None] = os.fdatasync,
+                 on_conflict: Callable[[int], None] | None = None) -> None:
+        self.directory = Path(directory)
+        self.on_conflict = on_conflict
+        self._pending_truncate: int | None = None
+        self.truncations = 0
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._sync_fn = sync_fn
+        self._lock = threading.Lock()
+        self._meta_path = self.directory / "meta"
+        self._meta: dict[str, Any] = self._load_meta()
+        self._meta_dirty = False
+        self._entries: list[Entry] = []
+        # position of each entry: (segment number, byte offset of its record)
+        self._positions: list[tuple[int, int]] = []
+        self._segment = 0
+        self._fd = -1
+        self._offset = 0
+        self._dirty = False
+        self.syncs = 0
+        self._load()
+
+    # -- files ----------------------------------------------------------------
+
+    def _segment_path(self, number: int) -> Path:
+        return self.directory / f"seg-{number:08d}.log"
+
+    def _segments_on_disk(self) -> list[int]:
+        return sorted(int(p.name[4:12]) for p in self.directory.glob("seg-*.log"))
+
+    def _load_meta(self) -> dict[str, Any]:
+        try:
+            meta = cbor2.loads(self._meta_path.read_bytes())
+        except FileNotFoundError:
+            return {"term": 0, "vote": None, "commit": 1, "first_segment": 1, "first_index": 0}
+        assert isinstance(meta, dict), "journal meta is corrupt"
+        return meta
+
+    def _store_meta(self) -> None:
+        write_file_durably(self._meta_path, cbor2.dumps(self._meta))
+        self._meta_dirty = False
+
+    def _load(self) -> None:
+        first_segment = self._meta["first_segment"]
+        first_index = self._meta["first_index"]
+        segments = [n for n in self._segments_on_disk() if n >= first_segment]
+        for stale in (n for n in self._segments_on_disk() if n < first_segment):
+            self._segment_path(stale).unlink()
+        last_good: tuple[int, int] | None = None
+        torn = False
+        for number in segments:
+            if torn:
+                log.warning("dropping journal segment %d after a torn record", number)
+                self._segment_path(number).unlink()
+                continue
+            data = self._segment_path(number).read_bytes()
+            offset = 0
+            while offset < len(data):
+                record = self._parse(data, offset)
+                if record is None:
+                    torn = True
+                    break
+                entry, size = record
+                if entry[1] < first_index:
+                    offset += size
+                    continue
+                if self._entries and entry[1] != self._entries[-1][1] + 1:
+                    torn = True
+                    break
+                self._entries.append(entry)
+                self._positions.append((number, offset))
+                offset += size
+            last_good = (number, offset)
+            if torn:
+                log.warning("journal segment %d: torn or corrupt record at byte %d; "
+                            "truncating (an unsynced tail)", number, offset)
+                with open(self._segment_path(number), "r+b") as f:
+                    f.truncate(offset)
+                    os.fsync(f.fileno())
+        if last_good is None:
+            self._open_segment(max([first_segment, *segments]), 0)
+        else:
+            self._open_segment(*last_good)
+
+    @staticmethod
+    def _parse(data: bytes, offset: int) -> tuple[Entry, int] | None:
+        if offset + _RECORD_HEAD.size > len(data):
+            return None
+        length, crc, index, term = _RECORD_HEAD.unpack_from(data, offset)
+        body_start = offset + 8
+        end = body_start + length
+        if length < _BODY_FIXED or end > len(data):
+            return None
+        if zlib.crc32(data[body_start:end]) != crc:
+            return None
+        command = bytes(data[body_start + _BODY_FIXED : end])
+        return (command, index, term), 8 + length
+
+    def _open_segment(self, number: int, offset: int) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+        path = self._segment_path(number)
+        existed = path.exists()
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        os.ftruncate(self._fd, offset)
+        os.lseek(self._fd, offset, os.SEEK_SET)
+        self._segment = number
+        self._offset = offset
+        if not existed:
+            fsync_dir(self.directory)
+
+    def _new_segment(self) -> None:
+        self.sync()
+        self._open_segment(self._segment + 1, 0)
+
+    # -- durability -------------------------------------------------------------
+
+    def sync(self) -> None:
+        """Make every appended entry durable. Cheap when nothing is pending."""
+        with self._lock:
+            if self._dirty:
+                self._sync_fn(self._fd)
+                self._dirty = False
+                self.syncs += 1
+
+    @property
+    def unsynced(self) -> bool:
+        return self._dirty
+
+    # -- pysyncobj Journal interface -----------------------------------------
+
+    def add(self, command: bytes, idx: int, term: int) -> None:
+        command = bytes(command)
+        at = self._pending_truncate
+        if at is not None:
+            if at < len(self._entries):
+                existing = self._entries[at]
+                if existing[1] == idx and existing[2] == term:
+                    self._pending_truncate = at + 1
+                    return  # the same entry is already on disk: keep it
+                self._truncate(at)
+                if self.on_conflict is not None:
+                    self.on_conflict(idx)
+            self._pending_truncate = None
+        body = struct.pack("<QQ", idx, term) + command
+        record = struct.pack("<II", len(body), zlib.crc32(body)) + body
+        with self._lock:
+            os.write(self._fd, record)
+            self._entries.append((command, idx, term))
+            self._positions.append((self._segment, self._offset))
+            self._offset += len(record)
+            self._dirty = True
+
+    def clear(self) -> None:
+        self._pending_truncate = None
+        self._entries = []
+        self._positions = []
+        self._new_segment()
+        self._meta["first_segment"] = self._segment
+        self._meta["first_index"] = 0
+        self._store_meta()
+        self._drop_segments_below(self._segment)
+
+    def deleteEntriesFrom(self, entryFrom: int) -> None:  # noqa: N802 - pysyncobj's name
+        """Mark entries from position ``entryFrom`` on as replaceable; the next
+        ``add`` of a different entry truncates there (see the module doc)."""
+        if entryFrom < len(self._entries):
+            self._pending_truncate = entryFrom
+
+    def _truncate(self, entryFrom: int) -> None:
+        self.truncations += 1
+        segment, offset = self._positions[entryFrom]
+        del self._entries[entryFrom:]
+        del self._positions[entryFrom:]
+        # Later segments first: a crash in between leaves a valid, longer prefix.
+        for number in self._segments_on_disk():
+            if number > segment:
+                if number == self._segment:
+                    os.close(self._fd)
+                    self._fd = -1
+                self._segment_path(number).unlink()
+        fsync_dir(self.directory)
+        self._open_segment(segment, offset)
+        self._dirty = True
+
+    def deleteEntriesTo(self, entryTo: int) -> None:  # noqa: N802 - pysyncobj's name
+        """Drop entries before position ``entryTo`` (log compaction)."""
+        self._pending_truncate = None
+        if entryTo <= 0:
+            return
+        del self._entries[:entryTo]
+        del self._positions[:entryTo]
+        first_index = self._entries[0][1] if self._entries else 0
+        if not self._entries:
+            self.clear()
+            return
+        first_segment = self._positions[0][0]
+        self._new_segment()
+        self._meta["first_segment"] = first_segment
+        self._meta["first_index"] = first_index
+        self._store_meta()
+        self._drop_segments_below(first_segment)
+
+    def _drop_segments_below(self, number: int) -> None:
+        for old in self._segments_on_disk():
+            if old < number:
+                self._segment_path(old).unlink()
+
+    def __getitem__(self, item: Any) -> Any:
+        return self._entries[item]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _destroy(self) -> None:
+        self.sync()
+        if self._meta_dirty:
+            self._store_meta()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def setRaftCommitIndex(self, raftCommitIndex: int) -> None:  # noqa: N802,N803
+        if self._meta["commit"] != raftCommitIndex:
+            self._meta["commit"] = raftCommitIndex
+            self._meta_dirty = True
+
+    def getRaftCommitIndex(self) -> int:  # noqa: N802
+        return int(self._meta["commit"])
+
+    def setCurrentTerm(self, term: int, votedForNodeId: str | None) -> None:  # noqa: N802,N803
+        self._meta["term"] = term
+        self._meta["vote"] = votedForNodeId
+        self._store_meta()
+
+    def getCurrentTerm(self) -> int:  # noqa: N802
+        return int(self._meta["term"])
+
+    def getVotedForNodeId(self) -> str | None:  # noqa: N802
+        vote = self._meta["vote"]
+        return vote if isinstance(vote, str) else None
+
+    def onOneSecondTimer(self) -> None:  # noqa: N802
+        if self._meta_dirty:
+            self._store_meta()
+
+    # -- for the dump crash window -------------------------------------------
+
+    def position_of(self, entry: Entry) -> int | None:
+        """Position of ``entry`` (same index, term and command), or None."""
+        if not self._entries:
+            return None
+        position = entry[1] - self._entries[0][1]
+        if 0 <= position < len(self._entries) and self._entries[position] == entry:
+            return position
+        return None

@@ -1,0 +1,403 @@
+"""One replica of a physical shard: a pysyncobj group member over a LevelDB Store.
+
+This is the only module that imports pysyncobj. It adds what pysyncobj lacks
+(DESIGN section 5):
+
+- durability: a ``DurableJournal``, and a transport that syncs it before every
+  message leaves the node, so an entry is on disk before it is acknowledged
+  to the leader or sent to a follower; a lone replica syncs before it applies;
+- a fail-stop apply: no exception ever reaches pysyncobj's apply loop (which
+  would apply the entry again); a replica that cannot write its state exits
+  and replays its journal on restart;
+- callbacks that never raise into the Raft thread;
+- snapshots of the LevelDB state written in a background thread (no fork),
+  installed by building a fresh database and swapping it in;
+- a closed crash window in dump loading: before pysyncobj compares the dump with
+  the journal, the journal prefix the dump covers is dropped, so a crash
+  between writing a dump and truncating the journal no longer clears the
+  journal's tail;
+- encrypted, authenticated Raft traffic (``password``), bound to the
+  configured address only.
+
+Results reach the caller through ``submit(payload, on_done)``; ``on_done`` runs
+on the Raft thread and must hand off (the node server uses
+``trio.lowlevel.TrioToken.run_sync_soon``).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pysyncobj.syncobj as _pysyncobj_core
+from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
+from pysyncobj.config import SERIALIZER_STATE
+from pysyncobj.transport import TCPTransport
+
+from raftkv.errors import (
+    InternalError,
+    NotLeader,
+    OutcomeUnknown,
+    Overloaded,
+    RaftKVError,
+    Unavailable,
+)
+from raftkv.replication.journal import DurableJournal
+from raftkv.statemachine.apply import apply_entry
+from raftkv.storage.leveldb import (
+    SnapshotReader,
+    Store,
+    fsync_dir,
+    write_snapshot,
+)
+
+log = logging.getLogger(__name__)
+
+EXIT_APPLY_FAILED = 70
+EXIT_SNAPSHOT_LOAD_FAILED = 71
+EXIT_APPLIED_ENTRY_REPLACED = 72
+
+
+class _ResendFilter(logging.Filter):
+    """pysyncobj logs CRITICAL for every resent append-entries that overlaps
+    applied entries. The DurableJournal keeps identical entries (no data is
+    touched), so the message is noise; a real conflict is caught by
+    ``Replica._on_log_conflict`` instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "truncating already-applied log entries" not in str(record.msg)
+
+
+logging.getLogger("pysyncobj.syncobj").addFilter(_ResendFilter())
+
+OnDone = Callable[[Any, RaftKVError | None], None]
+
+
+# -- fail reasons, mapped in one place ----------------------------------------
+
+def error_for_fail_reason(reason: int, leader: str | None = None) -> RaftKVError:
+    """pysyncobj's FAIL_REASON as a raftkv error (definite or not)."""
+    if reason == FAIL_REASON.QUEUE_FULL:
+        return Overloaded("the replica's command queue is full")
+    if reason == FAIL_REASON.MISSING_LEADER:
+        return Unavailable("no leader is known (election in progress or no quorum)")
+    if reason == FAIL_REASON.NOT_LEADER:
+        return NotLeader("this replica is not the leader", leader=leader)
+    if reason == FAIL_REASON.REQUEST_DENIED:
+        return Unavailable("the request was denied by the Raft group")
+    if reason == FAIL_REASON.DISCARDED:
+        # The log position of the entry was taken by another leader's entry:
+        # this entry will never be applied.
+        return NotLeader("leadership changed before the command committed", leader=leader)
+    if reason == FAIL_REASON.LEADER_CHANGED:
+        return OutcomeUnknown("leadership changed while the command was in flight")
+    if reason == FAIL_REASON.UNKNOWN_OUTCOME:
+        return OutcomeUnknown("the Raft group lost track of the command")
+    return InternalError(f"unexpected pysyncobj fail reason {reason}")
+
+
+# -- injecting the durable journal ----------------------------------------------
+
+_journals_lock = threading.Lock()
+_pending_journals: dict[str, DurableJournal] = {}
+_original_create_journal = _pysyncobj_core.createJournal
+
+
+def _create_journal(journal_file: str | None) -> Any:
+    with _journals_lock:
+        journal = _pending_journals.pop(journal_file, None) if journal_file else None
+    if journal is not None:
+        return journal
+    return _original_create_journal(journal_file)
+
+
+_pysyncobj_core.createJournal = _create_journal
+
+
+class _DurableTransport(TCPTransport):  # type: ignore[misc]
+    """Syncs the journal before any message leaves: group commit."""
+
+    def __init__(self, syncObj: Any, selfNode: Any, otherNodes: Any,  # noqa: N803
+                 journal: DurableJournal) -> None:
+        self._journal = journal
+        super().__init__(syncObj, selfNode, otherNodes)
+
+    def send(self, node: Any, message: Any) -> bool:
+        self._journal.sync()
+        return bool(super().send(node, message))
+
+
+# -- settings ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RaftSettings:
+    """Every pysyncobj knob the project sets, with units in the names."""
+
+    election_timeout_s_min: float = 0.8
+    election_timeout_s_max: float = 1.6
+    heartbeat_period_s: float = 0.1
+    tick_period_s: float = 0.05
+    connection_timeout_s: float = 2.0
+    connection_retry_s: float = 0.5
+    leader_fallback_timeout_s: float = 2.0
+    commands_queue_max: int = 100_000
+    append_entries_bytes_max: int = 1 << 20
+    socket_buffer_bytes: int = 1 << 20
+    log_compaction_entries_min: int = 20_000
+    log_compaction_period_s: float = 600.0
+    snapshot_chunk_bytes: int = 1 << 20
+
+
+def make_conf(settings: RaftSettings, secret: str, journal_key: str, dump_file: str,
+              replica: Replica) -> SyncObjConf:
+    return SyncObjConf(
+        password=secret,
+        autoTick=True,
+        autoTickPeriod=settings.tick_period_s,
+        commandsQueueSize=settings.commands_queue_max,
+        raftMinTimeout=settings.election_timeout_s_min,
+        raftMaxTimeout=settings.election_timeout_s_max,
+        appendEntriesPeriod=settings.heartbeat_period_s,
+        connectionTimeout=settings.connection_timeout_s,
+        connectionRetryTime=settings.connection_retry_s,
+        leaderFallbackTimeout=settings.leader_fallback_timeout_s,
+        # Commands are batched by the node server; pysyncobj sends each entry at
+        # once (low latency) instead of waiting for its next heartbeat.
+        appendEntriesUseBatch=False,
+        appendEntriesBatchSizeBytes=settings.append_entries_bytes_max,
+        bindAddress=None,
+        preferredAddrType="ipv4",
+        sendBufferSize=settings.socket_buffer_bytes,
+        recvBufferSize=settings.socket_buffer_bytes,
+        logCompactionMinEntries=settings.log_compaction_entries_min,
+        logCompactionMinTime=settings.log_compaction_period_s,
+        logCompactionSplit=False,
+        logCompactionBatchSize=settings.snapshot_chunk_bytes,
+        commandsWaitLeader=False,
+        fullDumpFile=dump_file,
+        journalFile=journal_key,
+        dynamicMembershipChange=True,
+        pollerType="auto",
+        useFork=False,
+        serializer=replica._serialize,
+        serializeChecker=replica._serialize_state,
+        deserializer=replica._deserialize,
+        onStateChanged=None,
+        onReady=None,
+    )
+
+
+class _DumpInBackground(Exception):  # noqa: N818 - a signal, not an error
+    """Raised from the serializer so pysyncobj does not rename a placeholder over
+    the last good dump; the background thread writes and renames the dump and
+    ``_serialize_state`` reports the outcome."""
+
+
+class _Group(SyncObj):  # type: ignore[misc]
+    def __init__(self, replica: Replica, self_address: str, peers: list[str],
+                 conf: SyncObjConf, transport_class: Any) -> None:
+        self._replica = replica
+        super().__init__(self_address, peers, conf=conf, transportClass=transport_class)
+
+    @replicated
+    def apply_entry(self, payload: bytes) -> Any:
+        # pysyncobj applies entries in order and advances raftLastApplied after
+        # this returns, so this entry's index is raftLastApplied + 1.
+        return self._replica._apply(self.raftLastApplied + 1, payload)
+
+
+class Replica:
+    """A physical shard's replica on this node."""
+
+    def __init__(
+        self,
+        shard_id: int,
+        directory: Path,
+        self_address: str,
+        peer_addresses: list[str],
+        secret: str,
+        settings: RaftSettings | None = None,
+        sync_fn: Callable[[int], None] = os.fdatasync,
+        exit_fn: Callable[[int], None] = os._exit,
+    ) -> None:
+        self.shard_id = shard_id
+        self.directory = Path(directory)
+        self.self_address = self_address
+        self.settings = settings or RaftSettings()
+        self._exit = exit_fn
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.store = Store(self.directory / "state")
+        self.journal = DurableJournal(self.directory / "journal", sync_fn=sync_fn,
+                                      on_conflict=self._on_log_conflict)
+        self._dump_path = self.directory / "snapshot.dump"
+        self._dump_state = SERIALIZER_STATE.NOT_SERIALIZING
+        self._dump_lock = threading.Lock()
+        self.snapshots_written = 0
+        self.snapshots_installed = 0
+        journal_key = str(self.directory / "journal")
+        with _journals_lock:
+            _pending_journals[journal_key] = self.journal
+        conf = make_conf(self.settings, secret, journal_key, str(self._dump_path), self)
+        transport = functools.partial(_DurableTransport, journal=self.journal)
+        self._group = _Group(self, self_address, peer_addresses, conf, transport)
+
+    # -- the apply path (Raft thread) ------------------------------------------
+
+    def _apply(self, index: int, payload: bytes) -> Any:
+        try:
+            # A lone replica acks after apply with no message in between.
+            self.journal.sync()
+            if index <= self.store.applied_index:
+                return None  # replay of an entry already in LevelDB
+            out = apply_entry(self.store.get, index, payload)
+            self.store.write(out.writes)
+            if out.error is not None:
+                log.error("shard %d: %s", self.shard_id, out.error)
+                return {"error": out.error}
+            return out.results
+        except BaseException:
+            log.critical("shard %d: cannot apply entry %d; stopping the node so the "
+                         "journal is replayed on restart", self.shard_id, index, exc_info=True)
+            self._exit(EXIT_APPLY_FAILED)
+            raise
+
+    def _on_log_conflict(self, index: int) -> None:
+        if index <= self.store.applied_index:
+            log.critical("shard %d: the leader replaces applied log entry %d; replicas "
+                         "have diverged, stopping", self.shard_id, index)
+            self._exit(EXIT_APPLIED_ENTRY_REPLACED)
+
+    # -- submitting --------------------------------------------------------------
+
+    def submit(self, payload: bytes, on_done: OnDone) -> None:
+        """Propose ``payload`` (encoded commands). ``on_done(results, error)`` is
+        called exactly once, on the Raft thread or, for an immediate refusal,
+        on the caller's thread. It must not block."""
+
+        def callback(result: Any, reason: int) -> None:
+            try:
+                if reason == FAIL_REASON.SUCCESS:
+                    on_done(result, None)
+                else:
+                    on_done(None, error_for_fail_reason(reason, self.leader_address))
+            except BaseException:
+                log.exception("shard %d: result callback failed", self.shard_id)
+
+        if not self._group._isLeader():
+            callback(None, FAIL_REASON.NOT_LEADER)
+            return
+        self._group.apply_entry(payload, callback=callback)
+
+    # -- state ---------------------------------------------------------------------
+
+    @property
+    def is_leader(self) -> bool:
+        return bool(self._group._isLeader())
+
+    @property
+    def leader_address(self) -> str | None:
+        """Raft address of the leader this replica knows of."""
+        leader = self._group._getLeader()
+        return None if leader is None else str(leader.address)
+
+    @property
+    def term(self) -> int:
+        return int(self._group.raftCurrentTerm)
+
+    @property
+    def commit_index(self) -> int:
+        return int(self._group.raftCommitIndex)
+
+    @property
+    def last_applied(self) -> int:
+        return int(self._group.raftLastApplied)
+
+    def raft_status(self) -> dict[str, Any]:
+        return dict(self._group.getStatus())
+
+    def force_log_compaction(self) -> None:
+        self._group.forceLogCompaction()
+
+    def destroy(self) -> None:
+        """Stop the Raft thread and close files."""
+        self._group.destroy()
+        thread = getattr(self._group, "_SyncObj__thread", None)
+        if thread is not None:
+            thread.join(timeout=10)
+        self.store.close()
+
+    # -- snapshots -------------------------------------------------------------
+
+    def _serialize(self, _tmp_file: str, data: Any) -> None:
+        """Called on the Raft thread with (last applied entry, previous, cluster)."""
+        last_entry, prev_entry, cluster = data
+        meta = {
+            "last": list(last_entry),
+            "prev": list(prev_entry),
+            "cluster": sorted(str(node.address) for node in cluster),
+        }
+        applied, pairs = self.store.begin_dump()
+        with self._dump_lock:
+            self._dump_state = SERIALIZER_STATE.SERIALIZING
+        threading.Thread(
+            target=self._dump_in_background, args=(meta, applied, pairs),
+            name=f"dump-shard-{self.shard_id}", daemon=True,
+        ).start()
+        raise _DumpInBackground
+
+    def _dump_in_background(self, meta: dict[str, Any], applied: int, pairs: Any) -> None:
+        tmp = self._dump_path.with_name(self._dump_path.name + ".bg")
+        state = SERIALIZER_STATE.FAILED
+        try:
+            with open(tmp, "wb") as out:
+                write_snapshot(out, meta, applied, pairs)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, self._dump_path)
+            fsync_dir(self._dump_path.parent)
+            self.snapshots_written += 1
+            state = SERIALIZER_STATE.SUCCESS
+        except Exception:
+            log.warning("shard %d: snapshot dump failed", self.shard_id, exc_info=True)
+        finally:
+            with self._dump_lock:
+                self._dump_state = state
+
+    def _serialize_state(self) -> int:
+        with self._dump_lock:
+            state = self._dump_state
+            if state in (SERIALIZER_STATE.SUCCESS, SERIALIZER_STATE.FAILED):
+                self._dump_state = SERIALIZER_STATE.NOT_SERIALIZING
+            return state
+
+    def _deserialize(self, file_name: str) -> tuple[Any, Any, list[str]]:
+        """At start, and when a snapshot from the leader was received."""
+        try:
+            with SnapshotReader(Path(file_name)) as reader:
+                meta = reader.meta
+                if reader.applied > self.store.applied_index:
+                    with open(file_name, "rb") as received:
+                        os.fsync(received.fileno())
+                    fsync_dir(Path(file_name).parent)
+                    self.store.replace_from(reader.pairs())
+                    self.snapshots_installed += 1
+            last = (bytes(meta["last"][0]), int(meta["last"][1]), int(meta["last"][2]))
+            prev = (bytes(meta["prev"][0]), int(meta["prev"][1]), int(meta["prev"][2]))
+            position = self.journal.position_of(prev)
+            if position:
+                # The crash window: the dump was written but the journal not yet
+                # truncated. Drop only the covered prefix so pysyncobj keeps the tail.
+                self.journal.deleteEntriesTo(position)
+            cluster = [a for a in meta["cluster"] if a != self.self_address]
+            return last, prev, cluster
+        except BaseException:
+            log.critical("shard %d: cannot load snapshot %s; stopping", self.shard_id,
+                         file_name, exc_info=True)
+            self._exit(EXIT_SNAPSHOT_LOAD_FAILED)
+            raise

@@ -1,0 +1,111 @@
+"""Commands that go through the Raft log, and their byte encoding.
+
+One log entry carries a batch of commands, encoded with cbor as a list:
+
+- ``["w", ks, cid, seq, ack, ops]``: an atomic client write; ``ops`` is a list of
+  ``[0, ls, key, value]`` (put), ``[1, ls, key]`` (delete) or
+  ``[2, ls, key, expected-or-null, value]`` (cas).
+- ``["b"]``: a read barrier; changes nothing, answers the index it was applied at.
+
+The wire schema is ours; pysyncobj only sees opaque bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cbor2
+
+PUT, DELETE, CAS = 0, 1, 2
+U32_MAX = 2**32 - 1  # keyspace ids and logical shards are stored as 4-byte big-endian
+
+
+@dataclass(frozen=True, slots=True)
+class Mutation:
+    """One op of a write, already routed to its logical shard."""
+
+    kind: int
+    logical_shard: int
+    key: bytes
+    value: bytes | None = None
+    expected: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Write:
+    keyspace_id: int
+    client_id: bytes
+    seq: int
+    ack_seq: int
+    mutations: tuple[Mutation, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Barrier:
+    pass
+
+
+Command = Write | Barrier
+
+
+class MalformedEntry(Exception):
+    """A log entry's bytes do not decode into commands (a bug, or a foreign entry)."""
+
+
+def _encode_mutation(m: Mutation) -> list[object]:
+    if m.kind == PUT:
+        return [PUT, m.logical_shard, m.key, m.value]
+    if m.kind == DELETE:
+        return [DELETE, m.logical_shard, m.key]
+    return [CAS, m.logical_shard, m.key, m.expected, m.value]
+
+
+def encode_commands(commands: list[Command]) -> bytes:
+    out: list[object] = []
+    for c in commands:
+        if isinstance(c, Write):
+            out.append(["w", c.keyspace_id, c.client_id, c.seq, c.ack_seq,
+                        [_encode_mutation(m) for m in c.mutations]])
+        else:
+            out.append(["b"])
+    return cbor2.dumps(out)
+
+
+def _decode_mutation(raw: object) -> Mutation:
+    if not isinstance(raw, list) or len(raw) < 3:
+        raise MalformedEntry(f"bad mutation {raw!r}")
+    kind, ls, key = raw[0], raw[1], raw[2]
+    if not isinstance(ls, int) or not 0 <= ls <= U32_MAX or not isinstance(key, bytes):
+        raise MalformedEntry(f"bad mutation {raw!r}")
+    if kind == PUT and len(raw) == 4 and isinstance(raw[3], bytes):
+        return Mutation(PUT, ls, key, raw[3])
+    if kind == DELETE and len(raw) == 3:
+        return Mutation(DELETE, ls, key)
+    if kind == CAS and len(raw) == 5 and isinstance(raw[4], bytes) and (
+        raw[3] is None or isinstance(raw[3], bytes)
+    ):
+        return Mutation(CAS, ls, key, raw[4], raw[3])
+    raise MalformedEntry(f"bad mutation {raw!r}")
+
+
+def decode_commands(payload: bytes) -> list[Command]:
+    try:
+        raw = cbor2.loads(payload)
+    except Exception as exc:
+        raise MalformedEntry(f"entry is not cbor: {exc}") from exc
+    if not isinstance(raw, list):
+        raise MalformedEntry("entry is not a list of commands")
+    commands: list[Command] = []
+    for item in raw:
+        if item == ["b"]:
+            commands.append(Barrier())
+            continue
+        if not (isinstance(item, list) and len(item) == 6 and item[0] == "w"):
+            raise MalformedEntry(f"unknown command {item!r}")
+        _, ks, cid, seq, ack, muts = item
+        if not (isinstance(ks, int) and 0 <= ks <= U32_MAX
+                and isinstance(cid, bytes) and isinstance(seq, int)
+                and isinstance(ack, int) and isinstance(muts, list)):
+            raise MalformedEntry(f"bad write {item!r}")
+        commands.append(Write(ks, cid, seq, ack, tuple(_decode_mutation(m) for m in muts)))
+    return commands

@@ -1,0 +1,266 @@
+"""The LevelDB adapter: one replica's state, and its snapshot files.
+
+Only this module imports plyvel. A ``Store`` lives in a directory::
+
+    CURRENT          name of the live database directory (written atomically)
+    db-000001/       the plyvel database
+
+Installing a snapshot builds a new ``db-N`` directory, makes it durable, then
+switches ``CURRENT`` to it (tmp + fsync + rename + fsync of the directory), so
+a crash at any point leaves either the old or the new database live, never a
+mix. Leftover directories are removed at open.
+
+Writes are not fsynced: the Raft journal is, and replaying it re-applies
+anything LevelDB lost (every batch carries ``!applied``, so replay is
+idempotent). A snapshot dump is fsynced before the journal is truncated.
+
+Snapshot (dump) file format: frames of ``raftkv.protocol.framing`` holding cbor:
+a header map (``magic``, ``meta``, ``applied``), then blocks of ``[[k, v], ...]``,
+then a trailer ``{"end": true, "pairs": n}``. A file without the trailer is
+incomplete and is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import cbor2
+import plyvel
+
+from raftkv.protocol.framing import FrameDecoder, encode_frame
+from raftkv.statemachine.layout import APPLIED_KEY, decode_index
+
+SNAPSHOT_MAGIC = "raftkv-snapshot-1"
+SNAPSHOT_BLOCK_PAIRS = 1000
+SNAPSHOT_FRAME_BYTES_MAX = 64 * 1024 * 1024
+
+
+class SnapshotError(Exception):
+    """A snapshot file is incomplete or not a raftkv snapshot."""
+
+
+class SnapshotCancelled(Exception):
+    """A background dump was cancelled because the database is being replaced."""
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file_durably(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` atomically and durably."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+class Store:
+    """A replica's LevelDB. Thread-safe: the Raft thread writes, others read."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        current = self.directory / "CURRENT"
+        if current.exists():
+            name = current.read_text().strip()
+        else:
+            name = "db-000001"
+            write_file_durably(current, name.encode())
+        for stale in self.directory.glob("db-*"):
+            if stale.name != name:
+                shutil.rmtree(stale, ignore_errors=True)
+        self._name = name
+        self._db = plyvel.DB(str(self.directory / name), create_if_missing=True)
+        self._applied = decode_index(self._db.get(APPLIED_KEY))
+        self._dumps_cancel = threading.Event()
+
+    # -- reads and writes ---------------------------------------------------
+
+    @property
+    def applied_index(self) -> int:
+        """Index of the last log entry whose effects are in this database."""
+        return self._applied
+
+    def get(self, key: bytes) -> bytes | None:
+        with self._lock:
+            value: bytes | None = self._db.get(key)
+            return value
+
+    def write(self, writes: dict[bytes, bytes | None]) -> None:
+        """Write one atomic batch (value None deletes); it must carry ``!applied``."""
+        with self._lock:
+            with self._db.write_batch() as batch:
+                for key, value in writes.items():
+                    if value is None:
+                        batch.delete(key)
+                    else:
+                        batch.put(key, value)
+            applied = writes.get(APPLIED_KEY)
+            if applied is not None:
+                self._applied = decode_index(applied)
+
+    def scan(self, prefix: bytes, limit: int | None = None) -> list[tuple[bytes, bytes]]:
+        with self._lock:
+            out: list[tuple[bytes, bytes]] = []
+            for item in self._db.iterator(prefix=prefix):
+                out.append(item)
+                if limit is not None and len(out) >= limit:
+                    break
+            return out
+
+    def count(self, prefix: bytes) -> int:
+        with self._lock:
+            return sum(1 for _ in self._db.iterator(prefix=prefix, include_value=False))
+
+    def disk_bytes(self) -> int:
+        root = self.directory / self._name
+        return sum(p.stat().st_size for p in root.iterdir() if p.is_file())
+
+    # -- snapshots ----------------------------------------------------------
+
+    def begin_dump(self) -> tuple[int, Iterator[tuple[bytes, bytes]]]:
+        """The applied index and a consistent view of every pair, as of now.
+
+        Iterate the view from any thread; a ``replace_from`` meanwhile cancels
+        it (SnapshotCancelled) before the database it reads is closed.
+        """
+        with self._lock:
+            self._dumps_cancel.clear()
+            snapshot = self._db.snapshot()
+            applied = self._applied
+
+        def pairs() -> Iterator[tuple[bytes, bytes]]:
+            try:
+                for n, item in enumerate(snapshot.iterator()):
+                    if n % SNAPSHOT_BLOCK_PAIRS == 0 and self._dumps_cancel.is_set():
+                        raise SnapshotCancelled
+                    yield item
+            finally:
+                snapshot.close()
+
+        return applied, pairs()
+
+    def replace_from(self, pairs: Iterator[tuple[bytes, bytes]]) -> None:
+        """Make the database hold exactly ``pairs`` (a snapshot being installed)."""
+        number = int(self._name.split("-")[1]) + 1
+        name = f"db-{number:06d}"
+        path = self.directory / name
+        shutil.rmtree(path, ignore_errors=True)
+        fresh = plyvel.DB(str(path), create_if_missing=True, error_if_exists=True)
+        try:
+            batch = fresh.write_batch()
+            for n, (key, value) in enumerate(pairs, 1):
+                batch.put(key, value)
+                if n % SNAPSHOT_BLOCK_PAIRS == 0:
+                    batch.write()
+                    batch = fresh.write_batch()
+            batch.write()
+            # A synced write makes everything before it durable in LevelDB's log.
+            fresh.put(b"!installed", b"1", sync=True)
+        except BaseException:
+            fresh.close()
+            shutil.rmtree(path, ignore_errors=True)
+            raise
+        with self._lock:
+            self._dumps_cancel.set()
+            old_name = self._name
+            self._db.close()
+            write_file_durably(self.directory / "CURRENT", name.encode())
+            self._db = fresh
+            self._name = name
+            self._applied = decode_index(fresh.get(APPLIED_KEY))
+        shutil.rmtree(self.directory / old_name, ignore_errors=True)
+
+    def close(self) -> None:
+        with self._lock:
+            self._dumps_cancel.set()
+            if not self._db.closed:
+                self._db.close()
+
+
+def write_snapshot(
+    out: BinaryIO, meta: dict[str, Any], applied: int, pairs: Iterator[tuple[bytes, bytes]]
+) -> int:
+    """Write a snapshot file; returns the number of pairs. The caller fsyncs."""
+    out.write(encode_frame(cbor2.dumps({"magic": SNAPSHOT_MAGIC, "meta": meta, "applied": applied})))
+    count = 0
+    block: list[list[bytes]] = []
+    for key, value in pairs:
+        block.append([key, value])
+        count += 1
+        if len(block) >= SNAPSHOT_BLOCK_PAIRS:
+            out.write(encode_frame(cbor2.dumps(block)))
+            block = []
+    if block:
+        out.write(encode_frame(cbor2.dumps(block)))
+    out.write(encode_frame(cbor2.dumps({"end": True, "pairs": count})))
+    return count
+
+
+class SnapshotReader:
+    """Reads a snapshot file: ``header`` at once, ``pairs()`` streams the data
+    and raises SnapshotError if the trailer is missing or the count is wrong."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._file = open(self.path, "rb")  # noqa: SIM115 - closed in close()
+        self._decoder = FrameDecoder(SNAPSHOT_FRAME_BYTES_MAX)
+        self._pending: list[bytes] = []
+        first = self._next_frame()
+        try:
+            header = cbor2.loads(first) if first is not None else None
+        except Exception as exc:
+            raise SnapshotError(f"{path}: header is not cbor: {exc}") from exc
+        if not isinstance(header, dict) or header.get("magic") != SNAPSHOT_MAGIC:
+            self.close()
+            raise SnapshotError(f"{path}: not a raftkv snapshot")
+        self.header: dict[str, Any] = header
+        self.applied: int = int(header["applied"])
+        self.meta: dict[str, Any] = header["meta"]
+
+    def _next_frame(self) -> bytes | None:
+        while not self._pending:
+            chunk = self._file.read(1 << 20)
+            if not chunk:
+                return None
+            self._decoder.feed(chunk)
+            self._pending.extend(self._decoder.frames())
+        return self._pending.pop(0)
+
+    def pairs(self) -> Iterator[tuple[bytes, bytes]]:
+        count = 0
+        while True:
+            frame = self._next_frame()
+            if frame is None:
+                raise SnapshotError(f"{self.path}: incomplete snapshot (no trailer)")
+            body = cbor2.loads(frame)
+            if isinstance(body, dict):
+                if body.get("end") is not True or body.get("pairs") != count:
+                    raise SnapshotError(f"{self.path}: trailer does not match the data")
+                return
+            for key, value in body:
+                count += 1
+                yield key, value
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> SnapshotReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

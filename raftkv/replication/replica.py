@@ -156,6 +156,7 @@ class RaftSettings:
 
 def make_conf(settings: RaftSettings, secret: str, journal_key: str, dump_file: str,
               replica: Replica) -> SyncObjConf:
+    """Every SyncObjConf option, set in one place."""
     return SyncObjConf(
         password=secret,
         autoTick=True,
@@ -171,7 +172,8 @@ def make_conf(settings: RaftSettings, secret: str, journal_key: str, dump_file: 
         # once (low latency) instead of waiting for its next heartbeat.
         appendEntriesUseBatch=False,
         appendEntriesBatchSizeBytes=settings.append_entries_bytes_max,
-        bindAddress=None,
+        # Without it pysyncobj binds 0.0.0.0: every interface would reach Raft.
+        bindAddress=replica.self_address,
         preferredAddrType="ipv4",
         sendBufferSize=settings.socket_buffer_bytes,
         recvBufferSize=settings.socket_buffer_bytes,

@@ -98,7 +98,7 @@ def _apply_write(state: _Overlay, index: int, write: Write) -> dict[str, Any]:
     result = _apply_mutations(state, index, write)
     stored = {k: v for k, v in result.items() if k != "cur"}
     done[write.seq] = stored
-    floor = max(record["f"], write.ack_seq)
+    floor = record["f"]
     for seq in [s for s in done if s <= floor]:
         del done[seq]
     if len(done) > DEDUP_RESULTS_MAX:
@@ -124,7 +124,7 @@ def _apply_mutations(state: _Overlay, index: int, write: Write) -> dict[str, Any
             state.writes[key] = m.value
             per_op.append(None)
         elif m.kind == DELETE:
-            per_op.append(state._read(key) is not None)
+            per_op.append(state.get(key) is not None)
             state.writes[key] = None
         else:
             assert m.kind == CAS

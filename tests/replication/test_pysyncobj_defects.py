@@ -1,0 +1,305 @@
+"""Each pysyncobj defect of DESIGN section 5, reproduced on pysyncobj itself,
+and shown handled by raftkv's Replica. Real sockets on 127.0.0.1, real LevelDB."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pysyncobj import SyncObj, SyncObjConf, replicated
+from pysyncobj.journal import FileJournal, ResizableFile
+from pysyncobj.transport import TCPTransport
+
+from raftkv.errors import RaftKVError
+from raftkv.localcluster import free_port
+from raftkv.replication import replica as replica_mod
+from raftkv.replication.replica import RaftSettings, Replica
+from raftkv.statemachine import layout
+from raftkv.statemachine.commands import PUT, Mutation, Write, encode_commands
+from raftkv.storage.leveldb import write_snapshot
+
+pytestmark = pytest.mark.timeout(60)
+FAST = RaftSettings(election_timeout_s_min=0.3, election_timeout_s_max=0.6,
+                    heartbeat_period_s=0.05, connection_timeout_s=1.0)
+
+
+def wait_for(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+def put_command(seq: int, key: bytes, value: bytes = b"v") -> bytes:
+    return encode_commands([Write(0, b"c" * 16, seq, seq - 1, (Mutation(PUT, 0, key, value),))])
+
+
+def submit_and_wait(replica: Replica, payload: bytes, timeout_s: float = 10.0) -> Any:
+    done = threading.Event()
+    out: list[Any] = []
+
+    def on_done(result: Any, error: RaftKVError | None) -> None:
+        out.append((result, error))
+        done.set()
+
+    replica.submit(payload, on_done)
+    assert done.wait(timeout_s), "no result"
+    result, error = out[0]
+    assert error is None, error
+    return result
+
+
+@pytest.fixture
+def group(tmp_path: Path) -> Iterator[Callable[..., list[Replica]]]:
+    made: list[Replica] = []
+
+    def make(n: int = 3, **kwargs: Any) -> list[Replica]:
+        addresses = [f"127.0.0.1:{free_port()}" for _ in range(n)]
+        for i, address in enumerate(addresses):
+            made.append(Replica(0, tmp_path / f"r{i}", address,
+                                [a for a in addresses if a != address], "test-secret",
+                                kwargs.get("settings", FAST), **{k: v for k, v in kwargs.items()
+                                                                 if k != "settings"}))
+        replicas = made[-n:]
+        wait_for(lambda: any(r.is_leader for r in replicas))
+        return replicas
+
+    yield make
+    for r in made:
+        r.destroy()
+
+
+def leader_of(replicas: list[Replica]) -> Replica:
+    return next(r for r in replicas if r.is_leader)
+
+
+# -- 1. the journal is never synced -------------------------------------------------
+
+
+def test_pysyncobj_file_journal_never_syncs(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    monkeypatch.setattr(os, "fsync", lambda fd: calls.append("fsync"))
+    monkeypatch.setattr(os, "fdatasync", lambda fd: calls.append("fdatasync"))
+    monkeypatch.setattr(ResizableFile, "flush", lambda self: calls.append("msync"))
+    journal = FileJournal(str(tmp_path / "journal"))
+    for i in range(1, 100):
+        journal.add(b"entry", i, 1)
+    journal.setRaftCommitIndex(99)
+    journal.onOneSecondTimer()
+    assert calls == []  # the defect: nothing reaches stable storage
+
+
+def test_every_message_leaves_after_its_entries_are_synced(
+        group: Callable[..., list[Replica]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Group commit: when any Raft message is sent, the sender's journal has no
+    unsynced entry, so a follower's ack and a leader's append-entries only
+    ever describe entries on disk."""
+    unsynced_sends: list[str] = []
+    sends = [0]
+    real_send = TCPTransport.send
+
+    def checked_send(self: Any, node: Any, message: Any) -> Any:
+        journal = getattr(self, "_journal", None)
+        sends[0] += 1
+        if journal is not None and journal.unsynced:
+            unsynced_sends.append(message.get("type", "?"))
+        return real_send(self, node, message)
+
+    monkeypatch.setattr(TCPTransport, "send", checked_send)
+    replicas = group(3)
+    leader = leader_of(replicas)
+    for seq in range(1, 60):
+        submit_and_wait(leader, put_command(seq, b"k%d" % seq))
+    assert sends[0] > 100
+    assert unsynced_sends == []
+    assert all(r.journal.syncs > 0 for r in replicas)
+
+
+def test_the_check_above_can_fail(group: Callable[..., list[Replica]],
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the syncing transport, the same check sees unsynced sends."""
+    monkeypatch.setattr(replica_mod._DurableTransport, "send",
+                        lambda self, node, message: TCPTransport.send(self, node, message))
+    unsynced_sends: list[str] = []
+    real_send = TCPTransport.send
+
+    def checked_send(self: Any, node: Any, message: Any) -> Any:
+        if self._journal.unsynced:
+            unsynced_sends.append(message.get("type", "?"))
+        return real_send(self, node, message)
+
+    monkeypatch.setattr(TCPTransport, "send", checked_send)
+    leader = leader_of(group(3))
+    for seq in range(1, 20):
+        submit_and_wait(leader, put_command(seq, b"k%d" % seq))
+    assert unsynced_sends
+
+
+# -- 2. an exception in apply makes pysyncobj apply the entry again ----------------
+
+
+class Counting(SyncObj):  # type: ignore[misc]
+    def __init__(self, address: str, conf: SyncObjConf) -> None:
+        self.calls: list[int] = []
+        super().__init__(address, [], conf)
+
+    @replicated
+    def bump(self, n: int) -> int:
+        self.calls.append(n)
+        if len(self.calls) == 1:
+            raise RuntimeError("apply failed once")
+        return n
+
+
+def test_pysyncobj_reapplies_an_entry_whose_apply_raised() -> None:
+    obj = Counting(f"127.0.0.1:{free_port()}", SyncObjConf(autoTickPeriod=0.01))
+    try:
+        wait_for(lambda: obj._isLeader())
+        obj.bump(7)
+        wait_for(lambda: len(obj.calls) >= 2)
+        assert obj.calls[:2] == [7, 7]  # the defect: one entry, applied twice
+    finally:
+        obj.destroy()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_replica_stops_instead_of_reapplying(group: Callable[..., list[Replica]],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    exits: list[int] = []
+    applied: list[int] = []
+
+    def exit_fn(code: int) -> None:
+        exits.append(code)
+        raise SystemExit(code)  # ends the Raft thread, as os._exit ends the process
+
+    def failing_apply(read: Any, index: int, payload: bytes) -> Any:
+        applied.append(index)
+        raise OSError("disk gone")
+
+    (single,) = group(1, exit_fn=exit_fn)
+    monkeypatch.setattr(replica_mod, "apply_entry", failing_apply)
+    single.submit(put_command(1, b"k"), lambda r, e: None)
+    wait_for(lambda: bool(exits))
+    time.sleep(0.3)
+    assert exits == [replica_mod.EXIT_APPLY_FAILED]
+    assert len(applied) == 1  # applied once, never again
+
+
+def test_a_raising_result_callback_does_not_reach_pysyncobj(
+        group: Callable[..., list[Replica]]) -> None:
+    leader = leader_of(group(3))
+    leader.submit(put_command(1, b"a"), lambda r, e: 1 / 0)
+    result = submit_and_wait(leader, put_command(2, b"b"))
+    assert result[0]["r"] == [None]
+    assert leader.store.applied_index == leader.store.applied_index
+    assert leader.store.get(layout.data_key(0, 0, b"a")) == b"v"
+
+
+# -- 3. unauthenticated pickles from the network ------------------------------------
+
+
+class _Touch:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> Any:
+        return (Path.touch, (self.path,))
+
+
+def _send_pysyncobj_frame(address: str, payload: Any) -> None:
+    host, port = address.rsplit(":", 1)
+    data = zlib.compress(pickle.dumps(payload), 3)
+    with socket.create_connection((host, int(port)), timeout=2) as sock:
+        sock.sendall(struct.pack("i", len(data)) + data)
+        time.sleep(0.5)
+
+
+def test_pysyncobj_without_password_runs_code_from_the_network(tmp_path: Path) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    obj = SyncObj(address, [], SyncObjConf(autoTickPeriod=0.01))
+    try:
+        marker = tmp_path / "pwned"
+        _send_pysyncobj_frame(address, _Touch(marker))
+        wait_for(marker.exists, 5)  # the defect: anyone who reaches the port runs code
+    finally:
+        obj.destroy()
+
+
+def test_replica_refuses_unauthenticated_peer_traffic(
+        group: Callable[..., list[Replica]], tmp_path: Path) -> None:
+    replicas = group(3)
+    marker = tmp_path / "pwned"
+    for r in replicas:
+        _send_pysyncobj_frame(r.self_address, _Touch(marker))
+    time.sleep(0.3)
+    assert not marker.exists()
+    # and the group still works
+    submit_and_wait(leader_of(replicas), put_command(1, b"after"))
+
+
+def test_raft_port_binds_only_the_configured_address(group: Callable[..., list[Replica]]) -> None:
+    (single,) = group(1)
+    port = int(single.self_address.rsplit(":", 1)[1])
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.2", port), timeout=1).close()
+
+
+# -- 4. the dump-loading crash window clears the journal ------------------------
+
+
+def _craft_crash_window(directory: Path, position: int) -> int:
+    """Write a dump covering the journal up to ``position`` without truncating
+    the journal: the state after a crash between the two steps."""
+    from raftkv.replication.journal import DurableJournal
+    from raftkv.storage.leveldb import Store
+
+    journal = DurableJournal(directory / "journal")
+    store = Store(directory / "state")
+    meta = {"last": list(journal[position]), "prev": list(journal[position - 1]),
+            "cluster": []}
+    applied, pairs = store.begin_dump()
+    with open(directory / "snapshot.dump", "wb") as out:
+        write_snapshot(out, meta, applied, pairs)
+    length = len(journal)
+    journal._destroy()
+    store.close()
+    return length
+
+
+@pytest.mark.parametrize("fixed", [True, False])
+def test_dump_crash_window_keeps_the_journal_tail(tmp_path: Path, fixed: bool,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    settings = RaftSettings(election_timeout_s_min=0.3, election_timeout_s_max=0.6,
+                            heartbeat_period_s=0.05, connection_timeout_s=1.0)
+    single = Replica(0, tmp_path, address, [], "s", settings)
+    try:
+        wait_for(lambda: single.is_leader)
+        for seq in range(1, 41):
+            submit_and_wait(single, put_command(seq, b"k%d" % seq))
+    finally:
+        single.destroy()
+    length = _craft_crash_window(tmp_path, 10)
+    if not fixed:
+        from raftkv.replication.journal import DurableJournal
+
+        monkeypatch.setattr(DurableJournal, "position_of", lambda self, entry: None)
+    restarted = Replica(0, tmp_path, address, [], "s", settings)
+    try:
+        wait_for(lambda: restarted.is_leader)
+        if fixed:
+            assert len(restarted.journal) >= length - 9  # only the covered prefix went
+        else:
+            assert len(restarted.journal) <= 3  # the defect: the tail was cleared
+    finally:
+        restarted.destroy()

@@ -134,6 +134,9 @@ def with_client(cluster_dir: Path, action: Any) -> Any:
             return action(kv)
     except PreconditionFailed as exc:
         current = exc.details.get("current")
+        if not exc.details.get("current_known", True):
+            fail("precondition failed (on a retry: the current value is not known)",
+                 EXIT_NOT_FOUND)
         shown = "absent" if current is None else repr(bytes(current))[1:]
         fail(f"precondition failed: the key holds {shown}", EXIT_NOT_FOUND)
     except RaftKVError as exc:

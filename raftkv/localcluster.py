@@ -54,6 +54,17 @@ def port_is_free(host: str, port: int) -> bool:
         return True
 
 
+def _process_alive(pid: int) -> bool:
+    """False once ``pid`` has exited with all its threads (a zombie whose other
+    threads are still exiting counts as alive: they may hold its sockets)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        threads = len(os.listdir(f"/proc/{pid}/task"))
+    except (OSError, IndexError):
+        return False
+    return not (state in ("Z", "X") and threads <= 1)
+
+
 def probe(address: str, op: str = "status", timeout_s: float = 1.0) -> dict[str, Any]:
     """One blocking request to one node (status or ping). Raises OSError on failure."""
     host, port = address.rsplit(":", 1)
@@ -177,16 +188,18 @@ class LocalCluster:
             self.start_node(node_id)
         self.wait_ready(timeout_s)
 
-    def signal_node(self, node_id: str, signum: int) -> None:
+    def signal_node(self, node_id: str, signum: int) -> int | None:
+        """Signal the node's process; returns its pid (None if it was not running)."""
         pid = self.pid(node_id)
         if pid is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
+        return pid
 
     def kill_node(self, node_id: str) -> None:
         """kill -9: no shutdown, no flush."""
-        self.signal_node(node_id, signal.SIGKILL)
-        self._wait_exit(node_id, 10.0)
+        pid = self.signal_node(node_id, signal.SIGKILL)
+        self._wait_exit(node_id, pid, 10.0)
 
     def pause_node(self, node_id: str) -> None:
         self.signal_node(node_id, signal.SIGSTOP)
@@ -196,17 +209,23 @@ class LocalCluster:
 
     def stop_node(self, node_id: str, timeout_s: float = 10.0) -> None:
         self.signal_node(node_id, signal.SIGCONT)
-        self.signal_node(node_id, signal.SIGTERM)
-        if not self._wait_exit(node_id, timeout_s):
+        pid = self.signal_node(node_id, signal.SIGTERM)
+        if not self._wait_exit(node_id, pid, timeout_s):
             self.kill_node(node_id)
 
-    def _wait_exit(self, node_id: str, timeout_s: float) -> bool:
+    def _wait_exit(self, node_id: str, pid: int | None, timeout_s: float) -> bool:
+        """Wait until process ``pid`` is gone with every thread, so its ports are
+        free again. ``self.pid()`` is no test: a dying process loses its cmdline
+        (and shows as a zombie) while its threads still hold its sockets."""
+        if pid is None:
+            return True
         child = getattr(self, "_children", {}).get(node_id)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if child is not None and child.poll() is not None:
-                return True
-            if self.pid(node_id) is None:
+            if child is not None and child.pid == pid:
+                if child.poll() is not None:  # reaped: every thread has exited
+                    return True
+            elif not _process_alive(pid):
                 return True
             time.sleep(0.02)
         return False

@@ -220,7 +220,7 @@ class DurableJournal(Journal):  # type: ignore[misc]
         self._store_meta()
         self._drop_segments_below(self._segment)
 
-    def deleteEntriesFrom(self, entryFrom: int) -> None:  # noqa: N802 - pysyncobj's name
+    def deleteEntriesFrom(self, entryFrom: int) -> None:
         """Mark entries from position ``entryFrom`` on as replaceable; the next
         ``add`` of a different entry truncates there (see the module doc)."""
         if entryFrom < len(self._entries):
@@ -242,7 +242,7 @@ class DurableJournal(Journal):  # type: ignore[misc]
         self._open_segment(segment, offset)
         self._dirty = True
 
-    def deleteEntriesTo(self, entryTo: int) -> None:  # noqa: N802 - pysyncobj's name
+    def deleteEntriesTo(self, entryTo: int) -> None:
         """Drop entries before position ``entryTo`` (log compaction)."""
         self._pending_truncate = None
         if entryTo <= 0:
@@ -279,27 +279,27 @@ class DurableJournal(Journal):  # type: ignore[misc]
             os.close(self._fd)
             self._fd = -1
 
-    def setRaftCommitIndex(self, raftCommitIndex: int) -> None:  # noqa: N802,N803
+    def setRaftCommitIndex(self, raftCommitIndex: int) -> None:
         if self._meta["commit"] != raftCommitIndex:
             self._meta["commit"] = raftCommitIndex
             self._meta_dirty = True
 
-    def getRaftCommitIndex(self) -> int:  # noqa: N802
+    def getRaftCommitIndex(self) -> int:
         return int(self._meta["commit"])
 
-    def setCurrentTerm(self, term: int, votedForNodeId: str | None) -> None:  # noqa: N802,N803
+    def setCurrentTerm(self, term: int, votedForNodeId: str | None) -> None:
         self._meta["term"] = term
         self._meta["vote"] = votedForNodeId
         self._store_meta()
 
-    def getCurrentTerm(self) -> int:  # noqa: N802
+    def getCurrentTerm(self) -> int:
         return int(self._meta["term"])
 
-    def getVotedForNodeId(self) -> str | None:  # noqa: N802
+    def getVotedForNodeId(self) -> str | None:
         vote = self._meta["vote"]
         return vote if isinstance(vote, str) else None
 
-    def onOneSecondTimer(self) -> None:  # noqa: N802
+    def onOneSecondTimer(self) -> None:
         if self._meta_dirty:
             self._store_meta()
 

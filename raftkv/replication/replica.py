@@ -121,16 +121,47 @@ _pysyncobj_core.createJournal = _create_journal
 
 
 class _DurableTransport(TCPTransport):  # type: ignore[misc]
-    """Syncs the journal before any message leaves: group commit."""
+    """No acknowledgement of log entries leaves before those entries are synced.
 
-    def __init__(self, syncObj: Any, selfNode: Any, otherNodes: Any,  # noqa: N803
+    A follower's ``next_node_idx`` (its ack) waits in an outbox while the
+    journal holds unsynced entries; at the end of each Raft tick, just before
+    pysyncobj polls its sockets, one sync covers every entry appended during
+    the tick and the outbox is flushed in order. This is group commit: one
+    fsync per tick instead of one per entry.
+
+    A leader's append-entries go out at once, so followers write in parallel
+    with the leader (as Raft allows): the leader counts its own log toward a
+    commit only at the start of its next tick, after this tick's sync.
+    Once anything is queued, everything after it is queued too, so messages
+    never overtake each other.
+    """
+
+    _WAIT_FOR_SYNC = frozenset({"next_node_idx"})
+
+    def __init__(self, syncObj: Any, selfNode: Any, otherNodes: Any,
                  journal: DurableJournal) -> None:
         self._journal = journal
+        self._outbox: list[tuple[Any, Any]] = []
+        self._outbox_lock = threading.Lock()
         super().__init__(syncObj, selfNode, otherNodes)
+        syncObj.addOnTickCallback(self.flush)
 
     def send(self, node: Any, message: Any) -> bool:
-        self._journal.sync()
-        return bool(super().send(node, message))
+        with self._outbox_lock:
+            if self._outbox or (self._journal.unsynced
+                                and message.get("type") in self._WAIT_FOR_SYNC):
+                self._outbox.append((node, message))
+                return True
+            return bool(super().send(node, message))
+
+    def flush(self) -> None:
+        self._journal.sync()  # the leader's own entries, before its next commit count
+        with self._outbox_lock:
+            if not self._outbox:
+                return
+            outbox, self._outbox = self._outbox, []
+            for node, message in outbox:
+                super().send(node, message)
 
 
 # -- settings ---------------------------------------------------------------------
@@ -195,7 +226,7 @@ def make_conf(settings: RaftSettings, secret: str, journal_key: str, dump_file: 
     )
 
 
-class _DumpInBackground(Exception):  # noqa: N818 - a signal, not an error
+class _DumpInBackground(Exception):
     """Raised from the serializer so pysyncobj does not rename a placeholder over
     the last good dump; the background thread writes and renames the dump and
     ``_serialize_state`` reports the outcome."""

@@ -147,7 +147,10 @@ class NodeServer:
                         await reply(encode_error(None, TooLarge(str(exc))))
                         break
                 nursery.cancel_scope.deadline = trio.current_time() + REQUEST_TIMEOUT_S
-        except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
+        except* (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
+            # The peer went away (reset, or closed while a reply was being sent).
+            # Errors from the nursery arrive in an ExceptionGroup; a plain
+            # ``except`` would miss them and the error would stop the whole node.
             pass
         finally:
             await stream.aclose()
@@ -206,9 +209,12 @@ class NodeServer:
             result = await proposer.propose(command, size)
         err = result.get("err")
         if err == "PRECONDITION_FAILED":
+            # A retried write returns its stored result, which omits the value
+            # the cas found: `current_known` says whether `current` is meaningful.
             raise PreconditionFailed(
                 f"op {result['op']}: the key does not hold the expected value",
-                op=result["op"], current=result.get("cur"), index=result.get("i"),
+                op=result["op"], current=result.get("cur"), current_known="cur" in result,
+                index=result.get("i"),
             )
         if err is not None:
             raise OutcomeUnknown(str(result.get("msg", err)))

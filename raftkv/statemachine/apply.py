@@ -15,11 +15,19 @@ Results are plain cbor-able values:
 - retried write whose record was forgotten: ``{"err": "OUTCOME_UNKNOWN", "msg": ...}``
 - barrier: ``{"i": index}``
 
-Exactly-once: a write's ``(client_id, seq)`` and its result are stored in the
-client's dedup record in the same batch as its effect; a retry returns the
-stored result without applying again. ``ack_seq`` (every seq <= it has been
-answered to the client) lets the record forget old results; at most
-``DEDUP_RESULTS_MAX`` results are kept per client.
+A write's ops run in order (a cas sees the puts and deletes before it in the
+same write) into a scratch overlay; the overlay is kept only if every cas
+precondition held, so a write is all or nothing.
+
+Exactly-once: a write's result is stored under ``(client_id, seq)`` in the
+same batch as its effect; a retry returns the stored result without applying
+again (a failed cas's stored result omits ``cur``). Each client has a floor:
+results of seqs <= floor are forgotten. The floor rises to ``ack_seq`` (every
+seq <= it has been answered to the client) and to ``seq - DEDUP_RESULTS_MAX``,
+so every stored result lies in ``(floor, floor + DEDUP_RESULTS_MAX]``: at most
+that many per client, and a rise of the floor deletes at most that many keys
+(about one per write in steady state). A result is one key, so a write costs
+O(1) however many of the client's requests are in flight.
 """
 
 from __future__ import annotations
@@ -85,49 +93,46 @@ def apply_entry(read: ReadFn, index: int, payload: bytes) -> ApplyOutput:
 
 
 def _apply_write(state: _Overlay, index: int, write: Write) -> dict[str, Any]:
-    record_key = layout.dedup_key(write.client_id)
-    raw_record = state.get(record_key)
-    record: dict[str, Any] = cbor2.loads(raw_record) if raw_record else {"f": 0, "d": {}}
-    done: dict[int, Any] = record["d"]
-    if write.seq in done:
-        return dict(done[write.seq])
-    if write.seq <= record["f"]:
+    cid = write.client_id
+    floor_key = layout.dedup_key(cid)
+    floor = layout.decode_index(state.get(floor_key))
+    if write.seq <= floor:
         return {"err": "OUTCOME_UNKNOWN",
                 "msg": f"seq {write.seq} is older than this client's dedup window"}
+    result_key = layout.dedup_result_key(cid, write.seq)
+    stored = state.get(result_key)
+    if stored is not None:
+        previous: dict[str, Any] = cbor2.loads(stored)
+        return previous
 
     result = _apply_mutations(state, index, write)
-    stored = {k: v for k, v in result.items() if k != "cur"}
-    done[write.seq] = stored
-    floor = record["f"]
-    for seq in [s for s in done if s <= floor]:
-        del done[seq]
-    if len(done) > DEDUP_RESULTS_MAX:
-        for seq in sorted(done)[: len(done) - DEDUP_RESULTS_MAX]:
-            floor = max(floor, seq)
-            del done[seq]
-    record["f"] = floor
-    state.writes[record_key] = cbor2.dumps(record)
+    state.writes[result_key] = cbor2.dumps({k: v for k, v in result.items() if k != "cur"})
+    new_floor = max(floor, min(write.ack_seq, write.seq - 1), write.seq - DEDUP_RESULTS_MAX)
+    if new_floor > floor:
+        # Stored results lie in (floor, floor + MAX]: this loop is bounded.
+        for seq in range(floor + 1, min(new_floor, floor + DEDUP_RESULTS_MAX) + 1):
+            state.writes[layout.dedup_result_key(cid, seq)] = None
+        state.writes[floor_key] = layout.encode_index(new_floor)
     return result
 
 
 def _apply_mutations(state: _Overlay, index: int, write: Write) -> dict[str, Any]:
-    keys = [layout.data_key(write.keyspace_id, m.logical_shard, m.key) for m in write.mutations]
-    # Check every precondition first: the write is all or nothing.
-    for position, (m, key) in enumerate(zip(write.mutations, keys, strict=True)):
-        if m.kind == CAS:
-            current = state.get(key)
-            if current != m.expected:
-                return {"i": index, "err": "PRECONDITION_FAILED", "op": position, "cur": current}
+    scratch = _Overlay(state.get, {})
     per_op: list[Any] = []
-    for m, key in zip(write.mutations, keys, strict=True):
+    for position, m in enumerate(write.mutations):
+        key = layout.data_key(write.keyspace_id, m.logical_shard, m.key)
         if m.kind == PUT:
-            state.writes[key] = m.value
+            scratch.writes[key] = m.value
             per_op.append(None)
         elif m.kind == DELETE:
-            per_op.append(state.get(key) is not None)
-            state.writes[key] = None
+            per_op.append(scratch.get(key) is not None)
+            scratch.writes[key] = None
         else:
             assert m.kind == CAS
-            state.writes[key] = m.value
+            current = scratch.get(key)
+            if current != m.expected:
+                return {"i": index, "err": "PRECONDITION_FAILED", "op": position, "cur": current}
+            scratch.writes[key] = m.value
             per_op.append(True)
+    state.writes.update(scratch.writes)
     return {"i": index, "r": per_op}

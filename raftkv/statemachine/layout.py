@@ -1,7 +1,8 @@
 """Byte layout of one replica's LevelDB (DESIGN section 4).
 
 - ``d`` ks(4) ls(4) key       -> value                 user data, one range per logical shard
-- ``r`` client_id(16)         -> cbor dedup record     {"f": floor seq, "d": {seq: result}}
+- ``r`` client_id(16)         -> floor(8)              every seq <= floor is forgotten
+- ``r`` client_id(16) seq(8)  -> cbor result           the result of write (client_id, seq)
 - ``!applied``                -> index(8)              last applied Raft log index
 
 Data, dedup records and ``!applied`` are written in one WriteBatch, so a
@@ -29,7 +30,12 @@ def split_data_key(stored: bytes) -> tuple[int, int, bytes]:
 
 
 def dedup_key(client_id: bytes) -> bytes:
+    """The client's dedup floor."""
     return DEDUP_PREFIX + client_id
+
+
+def dedup_result_key(client_id: bytes, seq: int) -> bytes:
+    return DEDUP_PREFIX + client_id + _U64.pack(seq)
 
 
 def encode_index(index: int) -> bytes:

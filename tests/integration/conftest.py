@@ -1,0 +1,58 @@
+"""Fixtures for integration tests: real node processes on this machine.
+
+Every cluster a test creates is stopped when the test ends, whatever happened:
+``LocalCluster.stop()`` (SIGTERM, then SIGKILL after a timeout), and then a
+SIGKILL to every node process still alive (from the pid files and the Popen
+objects LocalCluster kept). Node log tails are printed so pytest shows them
+for a failing test.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from integration_support import print_logs, shutdown_cluster
+
+from raftkv.localcluster import LocalCluster
+from raftkv.replication.replica import RaftSettings
+
+# Settings used by every test cluster unless a test gives its own: the
+# defaults, which already elect a leader in about a second.
+DEFAULT_TEST_RAFT = RaftSettings()
+
+
+ClusterFactory = Callable[..., LocalCluster]
+
+
+@pytest.fixture
+def make_cluster(tmp_path: Path) -> Iterator[ClusterFactory]:
+    """``make_cluster(raft=RaftSettings(...), nodes=3, start=True)`` -> LocalCluster.
+
+    Each call makes a new cluster directory under ``tmp_path``; all of them are
+    stopped at teardown.
+    """
+    clusters: list[LocalCluster] = []
+
+    def factory(raft: RaftSettings | None = None, nodes: int = 3, start: bool = True,
+                name: str | None = None) -> LocalCluster:
+        directory = tmp_path / (name or f"cluster{len(clusters)}")
+        cluster = LocalCluster.create(directory, nodes=nodes, raft=raft or DEFAULT_TEST_RAFT)
+        clusters.append(cluster)
+        if start:
+            cluster.start(timeout_s=30.0)
+        return cluster
+
+    try:
+        yield factory
+    finally:
+        for cluster in clusters:
+            print_logs(cluster)
+            shutdown_cluster(cluster)
+
+
+@pytest.fixture
+def cluster(make_cluster: ClusterFactory) -> LocalCluster:
+    """A started 3-node cluster with default settings."""
+    return make_cluster()

@@ -1,0 +1,175 @@
+"""Single-client round trips through the SDK against a real 3-node cluster."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from raftkv.client import open_client
+from raftkv.errors import BadRequest, PreconditionFailed, TooLarge
+from raftkv.localcluster import LocalCluster
+from raftkv.protocol.messages import DEFAULT_LIMITS, CasOp, DeleteOp, PutOp
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+
+
+async def test_put_get_delete_round_trip(cluster: LocalCluster) -> None:
+    async with open_client(cluster.client_addresses()) as kv:
+        assert await kv.get("missing") is None
+        first = await kv.put("k", "v1")
+        assert first.results == [None]
+        assert await kv.get("k") == b"v1"
+        second = await kv.put("k", "v2")
+        assert second.index > first.index
+        assert await kv.get("k") == b"v2"
+        assert await kv.get("k", consistency="eventual") in (b"v1", b"v2")
+
+        assert await kv.delete("k") is True
+        assert await kv.get("k") is None
+        assert await kv.delete("k") is False
+        assert await kv.get("k") is None
+        # str and bytes name the same key
+        await kv.put(b"k", b"bytes")
+        assert await kv.get("k") == b"bytes"
+
+
+async def test_cas(cluster: LocalCluster) -> None:
+    async with open_client(cluster.client_addresses()) as kv:
+        result = await kv.cas("c", None, "1")
+        assert result.results == [True]
+        assert await kv.get("c") == b"1"
+
+        with pytest.raises(PreconditionFailed) as info:
+            await kv.cas("c", None, "other")
+        assert info.value.definite
+        assert info.value.details["current"] == b"1"
+        assert await kv.get("c") == b"1"
+
+        with pytest.raises(PreconditionFailed) as info:
+            await kv.cas("c", "0", "2")
+        assert info.value.details["current"] == b"1"
+
+        await kv.cas("c", "1", "2")
+        assert await kv.get("c") == b"2"
+
+        await kv.delete("c")
+        with pytest.raises(PreconditionFailed) as info:
+            await kv.cas("c", "2", "3")
+        assert info.value.details["current"] is None
+        assert await kv.get("c") is None
+
+
+async def test_batch_applies_all_ops(cluster: LocalCluster) -> None:
+    async with open_client(cluster.client_addresses()) as kv:
+        await kv.put("b-del", "x")
+        await kv.put("b-cas", "old")
+        result = await kv.batch([
+            PutOp(b"b-put", b"p"),
+            DeleteOp(b"b-del"),
+            CasOp(b"b-cas", b"old", b"new"),
+            CasOp(b"b-new", None, b"created"),
+            DeleteOp(b"b-never"),
+        ])
+        assert result.results == [None, True, True, True, False]
+        assert await kv.get("b-put") == b"p"
+        assert await kv.get("b-del") is None
+        assert await kv.get("b-cas") == b"new"
+        assert await kv.get("b-new") == b"created"
+
+        # Later ops of a batch see the effects of earlier ones.
+        result = await kv.batch([PutOp(b"seq", b"1"), DeleteOp(b"seq"), PutOp(b"seq2", b"2")])
+        assert result.results == [None, True, None]
+        assert await kv.get("seq") is None
+        assert await kv.get("seq2") == b"2"
+
+
+async def test_batch_with_failing_cas_changes_nothing(cluster: LocalCluster) -> None:
+    async with open_client(cluster.client_addresses()) as kv:
+        await kv.put("a", "a0")
+        await kv.put("guard", "g0")
+        with pytest.raises(PreconditionFailed) as info:
+            await kv.batch([
+                PutOp(b"a", b"a1"),
+                DeleteOp(b"guard-delete-me"),
+                PutOp(b"fresh", b"f"),
+                CasOp(b"guard", b"wrong", b"g1"),
+                PutOp(b"after", b"x"),
+            ])
+        assert info.value.details["op"] == 3
+        assert info.value.details["current"] == b"g0"
+        assert await kv.get("a") == b"a0"
+        assert await kv.get("fresh") is None
+        assert await kv.get("after") is None
+        assert await kv.get("guard") == b"g0"
+        # The failed batch did not burn the client: the next write works.
+        await kv.batch([PutOp(b"a", b"a2"), CasOp(b"guard", b"g0", b"g2")])
+        assert await kv.get("a") == b"a2"
+        assert await kv.get("guard") == b"g2"
+
+
+async def test_binary_keys_and_values(cluster: LocalCluster) -> None:
+    pairs = {
+        b"\xff\xfe\x00\x01": bytes(range(256)),
+        b"\x00": b"\x00\x00",
+        b"\xc3\x28 not utf8": b"\x80\x81\xfe\xff",
+        "caf\u00e9".encode(): "\u00fcber \U0001f600".encode(),
+        b"empty-value": b"",
+    }
+    async with open_client(cluster.client_addresses()) as kv:
+        for key, value in pairs.items():
+            await kv.put(key, value)
+        for key, value in pairs.items():
+            got = await kv.get(key)
+            assert got == value, key
+            assert type(got) is bytes
+        # a key differing only in a non-UTF-8 byte is a different key
+        assert await kv.get(b"\xff\xfe\x00\x02") is None
+        with pytest.raises(PreconditionFailed):
+            await kv.cas(b"\x00", b"\x00", b"z")
+        await kv.cas(b"\x00", b"\x00\x00", b"\xff")
+        assert await kv.get(b"\x00") == b"\xff"
+    # A fresh client (another connection, another client id) sees the same.
+    async with open_client(cluster.client_addresses()) as kv:
+        assert await kv.get(b"\xff\xfe\x00\x01") == bytes(range(256))
+        assert await kv.get(b"empty-value") == b""
+
+
+async def test_value_size_limit(cluster: LocalCluster) -> None:
+    limit = DEFAULT_LIMITS.value_bytes_max
+    assert limit == 1024 * 1024
+    big = bytes(i % 251 for i in range(limit))
+    async with open_client(cluster.client_addresses()) as kv:
+        await kv.put("big", big)
+        assert await kv.get("big") == big
+
+        started = trio.current_time()
+        with pytest.raises(TooLarge) as info:
+            await kv.put("too-big", big + b"x")
+        assert info.value.definite
+        # A definite refusal is not retried for the whole retry budget.
+        assert trio.current_time() - started < 5.0
+        assert await kv.get("too-big") is None
+
+        with pytest.raises(TooLarge):
+            await kv.cas("big", big, big + b"y")
+        assert await kv.get("big") == big
+
+        key_limit = DEFAULT_LIMITS.key_bytes_max
+        await kv.put(b"k" * key_limit, b"ok")
+        assert await kv.get(b"k" * key_limit) == b"ok"
+        with pytest.raises(TooLarge):
+            await kv.put(b"k" * (key_limit + 1), b"v")
+
+
+async def test_unknown_keyspace_is_bad_request(cluster: LocalCluster) -> None:
+    async with open_client(cluster.client_addresses(), keyspace="no-such-keyspace") as kv:
+        with pytest.raises(BadRequest) as info:
+            await kv.put("k", "v")
+        assert info.value.definite
+        assert "no-such-keyspace" in info.value.message
+        with pytest.raises(BadRequest):
+            await kv.get("k")
+        with pytest.raises(BadRequest):
+            await kv.cas("k", None, "v")
+    async with open_client(cluster.client_addresses()) as kv:
+        assert await kv.get("k") is None

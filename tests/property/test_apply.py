@@ -1,0 +1,583 @@
+"""apply_entry against a dict store and an independent model of user data.
+
+The store is what LevelDB would hold: ``read`` is ``dict.get`` and every
+``out.writes`` is written back (None = delete) after each entry, as the
+storage layer does in one WriteBatch.
+
+Semantics modelled here (from the docstrings of apply.py / commands.py):
+
+- a write is all or nothing: every cas precondition is checked against the
+  state before the write; if one fails, the result names the first failing op
+  and its current value, and no op of the write happens;
+- otherwise ops run in order: put -> None, delete -> existed, cas -> True;
+- a write's (client_id, seq) result is remembered until the client's ack
+  reaches it; a retry returns the remembered result (without ``cur``, which
+  is not stored) and changes nothing; a retry of a forgotten seq gets
+  OUTCOME_UNKNOWN.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import cbor2
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+
+from raftkv.sharding import logical_shard
+from raftkv.statemachine import layout
+from raftkv.statemachine.apply import DEDUP_RESULTS_MAX, ApplyOutput, apply_entry
+from raftkv.statemachine.commands import (
+    CAS,
+    DELETE,
+    PUT,
+    Barrier,
+    Command,
+    Mutation,
+    Write,
+    decode_commands,
+    encode_commands,
+)
+
+KEYSPACE_IDS = [0, 5]
+USER_KEYS = [b"a", b"b", b"{t}x", b"{t}y", b"zz"]
+VALUES = [b"", b"1", b"2", b"a longer value \x00\xff"]
+CLIENTS = [bytes([i]) * 16 for i in (1, 2, 3)]
+
+
+def ls_of(key: bytes) -> int:
+    return logical_shard("default", key, 256)
+
+
+def dkey(ks: int, key: bytes) -> bytes:
+    return layout.data_key(ks, ls_of(key), key)
+
+
+def commit(store: dict[bytes, bytes], out: ApplyOutput) -> None:
+    for key, value in out.writes.items():
+        if value is None:
+            store.pop(key, None)
+        else:
+            store[key] = value
+
+
+def user_data(store: dict[bytes, bytes]) -> dict[tuple[int, bytes], bytes]:
+    data = {}
+    for stored, value in store.items():
+        if stored.startswith(layout.DATA_PREFIX):
+            ks, ls, key = layout.split_data_key(stored)
+            assert ls == ls_of(key)
+            data[(ks, key)] = value
+    return data
+
+
+def dedup_state(store: dict[bytes, bytes], cid: bytes) -> tuple[int, set[int]] | None:
+    """(floor, seqs with a stored result) of a client, or None if nothing is stored.
+
+    Reads either layout: one cbor record ``{"f": floor, "d": {seq: result}}``
+    under ``dedup_key``, or a u64 floor under ``dedup_key`` plus one key per
+    stored result (``dedup_key`` + u64 seq)."""
+    prefix = layout.dedup_key(cid)
+    keys = [k for k in store if k.startswith(prefix)]
+    if not keys:
+        return None
+    raw = store.get(prefix)
+    if raw is not None:
+        record = cbor2.loads(raw)
+        if isinstance(record, dict):
+            assert keys == [prefix]
+            return record["f"], set(record["d"])
+    floor = 0 if raw is None else int.from_bytes(raw, "big")
+    seqs = set()
+    for k in keys:
+        if k != prefix:
+            assert len(k) == len(prefix) + 8, k
+            seqs.add(int.from_bytes(k[len(prefix) :], "big"))
+    return floor, seqs
+
+
+def without_cur(result: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in result.items() if k != "cur"}
+
+
+def is_outcome_unknown(result: Any) -> bool:
+    return (
+        isinstance(result, dict)
+        and result.get("err") == "OUTCOME_UNKNOWN"
+        and isinstance(result.get("msg"), str)
+        and "i" not in result
+        and "r" not in result
+    )
+
+
+@dataclass
+class Client:
+    cid: bytes
+    next_seq: int = 1
+    last_ack: int = 0
+    floor: int = 0  # highest ack the node has seen from this client
+    history: dict[int, tuple[Write, dict[str, Any]]] = field(default_factory=dict)
+
+
+OUTCOME_UNKNOWN = "OUTCOME_UNKNOWN"  # sentinel in expected results
+
+
+class ApplyMachine(RuleBasedStateMachine):
+    @initialize()
+    def setup(self) -> None:
+        self.store: dict[bytes, bytes] = {}
+        self.model: dict[tuple[int, bytes], bytes] = {}
+        self.index = 0
+        self.clients = {cid: Client(cid) for cid in CLIENTS}
+        self.entries: list[tuple[int, bytes]] = []  # valid entries, for replays
+
+    # -- model ---------------------------------------------------------------
+
+    def _model_write(self, write: Write, index: int) -> dict[str, Any]:
+        """Apply a fresh write to the model; return the expected result.
+
+        Ops run in order (a cas sees the ops before it); the write is kept
+        only if every cas held."""
+        scratch = dict(self.model)
+        per_op: list[Any] = []
+        for position, m in enumerate(write.mutations):
+            k = (write.keyspace_id, m.key)
+            if m.kind == PUT:
+                assert m.value is not None
+                scratch[k] = m.value
+                per_op.append(None)
+            elif m.kind == DELETE:
+                per_op.append(scratch.pop(k, None) is not None)
+            else:
+                current = scratch.get(k)
+                if current != m.expected:
+                    return {"i": index, "err": "PRECONDITION_FAILED", "op": position,
+                            "cur": current}
+                assert m.value is not None
+                scratch[k] = m.value
+                per_op.append(True)
+        self.model = scratch
+        return {"i": index, "r": per_op}
+
+    def _expected_retry(self, cid: bytes, seq: int) -> Any:
+        client = self.clients[cid]
+        if seq <= client.floor:
+            return OUTCOME_UNKNOWN
+        return without_cur(client.history[seq][1])
+
+    def _draw_write(self, data: st.DataObject) -> Write:
+        client = self.clients[data.draw(st.sampled_from(CLIENTS), label="client")]
+        seq = client.next_seq + data.draw(st.integers(0, 2), label="seq gap")
+        client.next_seq = seq + 1
+        if data.draw(st.booleans(), label="advance ack"):
+            client.last_ack = data.draw(st.integers(client.last_ack, seq - 1), label="ack")
+        ks = data.draw(st.sampled_from(KEYSPACE_IDS), label="ks")
+        mutations = []
+        for _ in range(data.draw(st.integers(1, 4), label="ops")):
+            kind = data.draw(st.sampled_from([PUT, DELETE, CAS]), label="kind")
+            key = data.draw(st.sampled_from(USER_KEYS), label="key")
+            if kind == PUT:
+                mutations.append(Mutation(PUT, ls_of(key), key, data.draw(st.sampled_from(VALUES))))
+            elif kind == DELETE:
+                mutations.append(Mutation(DELETE, ls_of(key), key))
+            else:
+                current = self.model.get((ks, key))
+                choice = data.draw(st.sampled_from(["current", "current", "wrong", "none"]))
+                if choice == "current":
+                    expected = current
+                elif choice == "none":
+                    expected = None
+                else:
+                    expected = data.draw(
+                        st.sampled_from([v for v in [None, *VALUES] if v != current])
+                    )
+                value = data.draw(st.sampled_from(VALUES), label="value")
+                mutations.append(Mutation(CAS, ls_of(key), key, value, expected))
+        return Write(ks, client.cid, seq, client.last_ack, tuple(mutations))
+
+    def _draw_retry(self, data: st.DataObject, above_floor_only: bool) -> Write | None:
+        candidates = [
+            (cid, seq)
+            for cid, client in self.clients.items()
+            for seq in client.history
+            if not above_floor_only or seq > client.floor
+        ]
+        if not candidates:
+            return None
+        cid, seq = data.draw(st.sampled_from(candidates), label="retry of")
+        return self.clients[cid].history[seq][0]
+
+    # -- applying ------------------------------------------------------------
+
+    def _apply_and_check(
+        self,
+        index: int,
+        commands: list[Command],
+        expected: list[Any],
+        data_keys: set[bytes],
+        dedup_clients: set[bytes],
+    ) -> None:
+        payload = encode_commands(commands)
+        out = apply_entry(self.store.get, index, payload)
+        assert out.error is None
+        assert out.results is not None
+        assert len(out.results) == len(expected)
+        for got, want in zip(out.results, expected, strict=True):
+            if want == OUTCOME_UNKNOWN:
+                assert is_outcome_unknown(got), got
+            else:
+                assert got == want
+        assert out.writes[layout.APPLIED_KEY] == layout.encode_index(index)
+        written_data = {k for k in out.writes if k.startswith(layout.DATA_PREFIX)}
+        assert written_data == data_keys, "a write changed keys it should not have"
+        written_dedup = {k for k in out.writes if k.startswith(layout.DEDUP_PREFIX)}
+        # only clients with a fresh write in this entry get their dedup state written
+        assert {k[1:17] for k in written_dedup} == dedup_clients
+        assert set(out.writes) == {layout.APPLIED_KEY} | written_data | written_dedup
+        commit(self.store, out)
+        self.entries.append((index, payload))
+
+    @rule(data=st.data())
+    def apply_entry_of_commands(self, data: st.DataObject) -> None:
+        """One entry with 1-4 commands: fresh writes, retries and barriers."""
+        self.index += data.draw(st.integers(1, 3), label="index step")  # gaps are allowed
+        index = self.index
+        commands: list[Command] = []
+        expected: list[Any] = []
+        data_keys: set[bytes] = set()
+        dedup_clients: set[bytes] = set()
+        for _ in range(data.draw(st.integers(1, 4), label="commands")):
+            what = data.draw(st.sampled_from(["write", "write", "write", "retry", "barrier"]))
+            if what == "barrier":
+                commands.append(Barrier())
+                expected.append({"i": index})
+                continue
+            if what == "retry":
+                write = self._draw_retry(data, above_floor_only=False)
+                if write is not None:
+                    commands.append(write)
+                    expected.append(self._expected_retry(write.client_id, write.seq))
+                    continue
+            write = self._draw_write(data)
+            result = self._model_write(write, index)
+            client = self.clients[write.client_id]
+            client.history[write.seq] = (write, result)
+            client.floor = max(client.floor, write.ack_seq)
+            commands.append(write)
+            expected.append(result)
+            dedup_clients.add(write.client_id)
+            if "r" in result:
+                data_keys |= {dkey(write.keyspace_id, m.key) for m in write.mutations}
+        self._apply_and_check(index, commands, expected, data_keys, dedup_clients)
+
+    @precondition(lambda self: any(
+        seq > c.floor for c in self.clients.values() for seq in c.history))
+    @rule(data=st.data())
+    def retry_in_a_later_entry(self, data: st.DataObject) -> None:
+        """Re-send writes whose results are still remembered: same results as
+        the first time, and nothing changes."""
+        self.index += 1
+        writes = [self._draw_retry(data, above_floor_only=True)
+                  for _ in range(data.draw(st.integers(1, 3), label="retries"))]
+        commands: list[Command] = [w for w in writes if w is not None]
+        expected = []
+        for write in commands:
+            assert isinstance(write, Write)
+            first = self.clients[write.client_id].history[write.seq][1]
+            expected.append(without_cur(first))
+        before = dict(self.model)
+        self._apply_and_check(self.index, commands, expected, set(), set())
+        assert self.model == before
+
+    @precondition(lambda self: bool(self.entries))
+    @rule(data=st.data())
+    def replay_an_applied_entry(self, data: st.DataObject) -> None:
+        """Apply an already applied entry again at its own index on the current
+        store: dedup alone keeps the data unchanged (the layer above also skips
+        index <= !applied, which we do not rely on here)."""
+        index, payload = data.draw(
+            st.sampled_from(self.entries) | st.just(self.entries[-1]), label="entry"
+        )
+        out = apply_entry(self.store.get, index, payload)
+        assert out.error is None
+        assert out.writes == {layout.APPLIED_KEY: layout.encode_index(index)}
+        assert out.results is not None
+        for command, got in zip(decode_commands(payload), out.results, strict=True):
+            if isinstance(command, Barrier):
+                assert got == {"i": index}
+            else:
+                want = self._expected_retry(command.client_id, command.seq)
+                if want == OUTCOME_UNKNOWN:
+                    assert is_outcome_unknown(got), got
+                else:
+                    assert got == want
+        # not committed: committing would move !applied backwards
+
+    @rule(
+        prefix=st.sampled_from(["none", "barrier", "write"]),
+        bad=st.sampled_from(range(30)),
+    )
+    def apply_malformed_entry(self, prefix: str, bad: int) -> None:
+        self.index += 1
+        cid = CLIENTS[0]
+        seq = self.clients[cid].next_seq  # would be fresh if it were applied
+        good: list[Any] = []
+        if prefix == "barrier":
+            good = [["b"]]
+        elif prefix == "write":
+            good = [["w", 0, cid, seq, 0, [[PUT, ls_of(b"a"), b"a", b"nope"]]]]
+        payload = _malformed(bad, good)
+        out = apply_entry(self.store.get, self.index, payload)
+        assert isinstance(out.error, str) and out.error
+        assert str(self.index) in out.error
+        assert out.results is None
+        assert out.writes == {layout.APPLIED_KEY: layout.encode_index(self.index)}
+        commit(self.store, out)
+
+    # -- invariants ----------------------------------------------------------
+
+    @invariant()
+    def store_matches_model(self) -> None:
+        assert user_data(self.store) == self.model
+
+    @invariant()
+    def applied_index(self) -> None:
+        assert layout.decode_index(self.store.get(layout.APPLIED_KEY)) == self.index
+
+    @invariant()
+    def dedup_records(self) -> None:
+        for client in self.clients.values():
+            state = dedup_state(self.store, client.cid)
+            if not client.history:
+                assert state is None
+                continue
+            assert state is not None
+            floor, seqs = state
+            assert floor == client.floor
+            assert seqs == {s for s in client.history if s > client.floor}
+
+
+def _malformed(bad: int, good: list[Any]) -> bytes:
+    cid = b"\x09" * 16
+
+    def w(*fields: Any) -> list[Any]:
+        return [*good, ["w", *fields]]
+
+    def mut(m: Any) -> list[Any]:
+        return w(0, cid, 1, 0, [[PUT, 1, b"k", b"v"], m])
+
+    cases: list[Any] = [
+        b"\xff",  # not cbor
+        b"",
+        cbor2.dumps({"w": 1}),  # not a list
+        cbor2.dumps("w"),
+        cbor2.dumps(None),
+        [*good, ["x"]],  # unknown command
+        [*good, ["b", 1]],
+        [*good, "b"],
+        [*good, ["w", 0, cid, 1, 0]],  # write of the wrong length
+        w("0", cid, 1, 0, []),
+        w(0, "cid", 1, 0, []),
+        w(0, cid, 1.5, 0, []),
+        w(0, cid, 1, None, []),
+        w(0, cid, 1, 0, {}),
+        mut([3, 1, b"k", b"v"]),  # unknown mutation kind
+        mut([PUT, 1, b"k"]),
+        mut([PUT, 1, "k", b"v"]),
+        mut([PUT, "1", b"k", b"v"]),
+        mut([PUT, 1, b"k", None]),
+        mut([DELETE, 1, b"k", b"v"]),
+        mut([CAS, 1, b"k", b"v"]),
+        mut([CAS, 1, b"k", "e", b"v"]),
+        mut([CAS, 1, b"k", None, None]),
+        mut(5),
+        mut([PUT, -1, b"k", b"v"]),  # logical shard out of the u32 range
+        mut([PUT, 2**32, b"k", b"v"]),
+        w(-1, cid, 1, 0, [[PUT, 1, b"k", b"v"]]),  # keyspace id out of the u32 range
+        w(2**32, cid, 1, 0, [[PUT, 1, b"k", b"v"]]),
+        w(2**64, cid, 1, 0, [[DELETE, 1, b"k"]]),
+        mut([DELETE, 2**40, b"k"]),
+    ]
+    case = cases[bad]
+    return case if isinstance(case, bytes) else cbor2.dumps(case)
+
+
+ApplyMachine.TestCase.settings = settings(
+    max_examples=120, stateful_step_count=30, deadline=None
+)
+TestApplyMachine = ApplyMachine.TestCase
+
+
+# ---------------------------------------------------------------------------
+# explicit cases
+
+
+def _put(key: bytes, value: bytes) -> Mutation:
+    return Mutation(PUT, ls_of(key), key, value)
+
+
+def _delete(key: bytes) -> Mutation:
+    return Mutation(DELETE, ls_of(key), key)
+
+
+def _cas(key: bytes, expected: bytes | None, value: bytes) -> Mutation:
+    return Mutation(CAS, ls_of(key), key, value, expected)
+
+
+def _run(store: dict[bytes, bytes], index: int, *commands: Command) -> ApplyOutput:
+    out = apply_entry(store.get, index, encode_commands(list(commands)))
+    commit(store, out)
+    return out
+
+
+CID = b"\x42" * 16
+
+
+def test_failing_cas_in_the_middle_of_a_batch_changes_nothing() -> None:
+    store: dict[bytes, bytes] = {}
+    _run(store, 1, Write(0, CID, 1, 0, (_put(b"a", b"1"), _put(b"b", b"2"))))
+    before = user_data(store)
+    out = _run(store, 2, Write(0, CID, 2, 1, (
+        _put(b"c", b"3"), _delete(b"a"), _cas(b"b", b"wrong", b"x"), _cas(b"a", b"1", b"y"),
+    )))
+    assert out.results == [{"i": 2, "err": "PRECONDITION_FAILED", "op": 2, "cur": b"2"}]
+    assert user_data(store) == before
+    assert not any(k.startswith(layout.DATA_PREFIX) for k in out.writes)
+
+
+def test_cas_sees_the_earlier_ops_of_its_own_batch() -> None:
+    store: dict[bytes, bytes] = {}
+    _run(store, 1, Write(0, CID, 1, 0, (_put(b"k", b"old"),)))
+    out = _run(store, 2, Write(0, CID, 2, 1, (_delete(b"k"), _cas(b"k", None, b"new"))))
+    assert out.results == [{"i": 2, "r": [True, True]}]
+    out = _run(store, 3, Write(0, CID, 3, 2, (_put(b"k", b"mid"), _cas(b"k", b"new", b"x"))))
+    assert out.results == [{"i": 3, "err": "PRECONDITION_FAILED", "op": 1, "cur": b"mid"}]
+    assert user_data(store) == {(0, b"k"): b"new"}
+
+
+def test_cas_on_absent_key_reports_cur_none() -> None:
+    store: dict[bytes, bytes] = {}
+    out = _run(store, 1, Write(0, CID, 1, 0, (_cas(b"a", b"x", b"y"),)))
+    assert out.results == [{"i": 1, "err": "PRECONDITION_FAILED", "op": 0, "cur": None}]
+    out = _run(store, 2, Write(0, CID, 2, 0, (_cas(b"a", None, b"y"),)))
+    assert out.results == [{"i": 2, "r": [True]}]
+    assert user_data(store) == {(0, b"a"): b"y"}
+
+
+def test_delete_reports_whether_the_key_existed() -> None:
+    store: dict[bytes, bytes] = {}
+    out = _run(store, 1, Write(0, CID, 1, 0, (
+        _delete(b"a"), _put(b"a", b""), _delete(b"a"), _delete(b"a"),
+    )))
+    # an empty value is a value: the key exists
+    assert out.results == [{"i": 1, "r": [False, None, True, False]}]
+    assert user_data(store) == {}
+
+
+def test_keyspaces_are_separate() -> None:
+    store: dict[bytes, bytes] = {}
+    _run(store, 1, Write(0, CID, 1, 0, (_put(b"a", b"zero"),)))
+    out = _run(store, 2, Write(5, CID, 2, 0, (_cas(b"a", None, b"five"), _delete(b"b"))))
+    assert out.results == [{"i": 2, "r": [True, False]}]
+    assert user_data(store) == {(0, b"a"): b"zero", (5, b"a"): b"five"}
+
+
+def test_retry_returns_the_first_result_and_changes_nothing() -> None:
+    store: dict[bytes, bytes] = {}
+    first = Write(0, CID, 1, 0, (_put(b"a", b"1"), _delete(b"b")))
+    out1 = _run(store, 1, first)
+    _run(store, 2, Write(0, CID, 2, 0, (_put(b"a", b"2"),)))
+    out3 = _run(store, 3, first)
+    assert out3.results == out1.results == [{"i": 1, "r": [None, False]}]
+    assert user_data(store) == {(0, b"a"): b"2"}
+    assert set(out3.writes) == {layout.APPLIED_KEY}
+
+
+def test_ack_forgets_results() -> None:
+    store: dict[bytes, bytes] = {}
+    writes = [Write(0, CID, seq, 0, (_put(b"a", str(seq).encode()),)) for seq in (1, 2, 3)]
+    for index, write in enumerate(writes, start=1):
+        _run(store, index, write)
+    _run(store, 4, Write(0, CID, 4, 2, (_put(b"b", b"4"),)))
+    assert dedup_state(store, CID) == (2, {3, 4})
+    out = _run(store, 5, writes[1], writes[2])
+    assert out.results is not None
+    assert is_outcome_unknown(out.results[0])
+    assert out.results[1] == {"i": 3, "r": [None]}
+    assert user_data(store) == {(0, b"a"): b"3", (0, b"b"): b"4"}
+
+
+def test_same_write_twice_in_one_entry_applies_once() -> None:
+    store: dict[bytes, bytes] = {}
+    write = Write(0, CID, 1, 0, (_delete(b"a"), _put(b"a", b"x")))
+    _run(store, 1, Write(0, b"\x01" * 16, 1, 0, (_put(b"a", b"old"),)))
+    out = _run(store, 2, write, write)
+    assert out.results == [{"i": 2, "r": [True, None]}, {"i": 2, "r": [True, None]}]
+
+
+def test_malformed_entry_writes_only_the_applied_index() -> None:
+    store: dict[bytes, bytes] = {}
+    _run(store, 1, Write(0, CID, 1, 0, (_put(b"a", b"1"),)))
+    snapshot = dict(store)
+    out = apply_entry(store.get, 2, b"\x82\x81\x61b")  # truncated cbor
+    assert out.error is not None and "2" in out.error
+    assert out.results is None
+    assert out.writes == {layout.APPLIED_KEY: layout.encode_index(2)}
+    commit(store, out)
+    snapshot[layout.APPLIED_KEY] = layout.encode_index(2)
+    assert store == snapshot
+
+
+def test_barrier_answers_its_index() -> None:
+    store: dict[bytes, bytes] = {}
+    out = _run(store, 77, Barrier(), Barrier())
+    assert out.results == [{"i": 77}, {"i": 77}]
+    assert out.writes == {layout.APPLIED_KEY: layout.encode_index(77)}
+
+
+def test_dedup_window_is_bounded() -> None:
+    """A client that never acks keeps at most DEDUP_RESULTS_MAX results; the
+    oldest are forgotten and a retry of one gets OUTCOME_UNKNOWN."""
+    store: dict[bytes, bytes] = {}
+    total = DEDUP_RESULTS_MAX + 10
+    writes = [Write(0, CID, seq, 0, (_put(b"k%d" % (seq % 7), b"%d" % seq),))
+              for seq in range(1, total + 1)]
+    firsts: dict[int, Any] = {}
+    index = 0
+    position = 0
+    while position < total:
+        # many writes per entry to keep it quick, then one per entry near the bound
+        chunk = writes[position : position + (37 if position < 990 else 1)]
+        position += len(chunk)
+        index += 1
+        out = _run(store, index, *chunk)
+        assert out.results is not None
+        for write, result in zip(chunk, out.results, strict=True):
+            assert result == {"i": index, "r": [None]}
+            firsts[write.seq] = result
+        state = dedup_state(store, CID)
+        assert state is not None
+        assert len(state[1]) <= DEDUP_RESULTS_MAX
+    state = dedup_state(store, CID)
+    assert state is not None
+    floor, seqs = state
+    assert len(seqs) == DEDUP_RESULTS_MAX
+    assert min(seqs) == total - DEDUP_RESULTS_MAX + 1 == 11
+    assert floor == 10
+    data = user_data(store)
+    index += 1
+    out = _run(store, index, writes[0], writes[9], writes[10], writes[-1])
+    assert out.results is not None
+    assert is_outcome_unknown(out.results[0])
+    assert is_outcome_unknown(out.results[1])
+    assert out.results[2] == firsts[11]
+    assert out.results[3] == firsts[total]
+    assert user_data(store) == data

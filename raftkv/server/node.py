@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,7 @@ from raftkv.protocol.messages import (
     encode_ok,
 )
 from raftkv.replication.replica import Replica
-from raftkv.server.proposer import Proposer
+from raftkv.server.proposer import OnDone, Proposer
 from raftkv.sharding import logical_shard
 from raftkv.statemachine import layout
 from raftkv.statemachine.commands import CAS, DELETE, PUT, Mutation, Write
@@ -60,6 +61,47 @@ log = logging.getLogger(__name__)
 IN_FLIGHT_PER_CONNECTION_MAX = 4096
 REQUEST_TIMEOUT_S = 10.0
 READ_CHUNK_BYTES = 256 * 1024
+# The trio thread and pysyncobj's Raft thread share the GIL; at CPython's
+# default 5 ms switch interval a busy trio loop delays every Raft step by up
+# to 5 ms. Measured: 64-client strong reads went from ~3,900/s to ~4,400/s.
+GIL_SWITCH_INTERVAL_S = 0.0005
+
+
+class _Connection:
+    """A client connection's reply side: replies are queued by callbacks and a
+    single writer task sends everything queued in one write."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.unsent: list[bytes] = []
+        self.in_flight = 0
+        self._wakeup = trio.Event()
+        self._room = trio.Event()
+
+    def send(self, body: bytes) -> None:
+        self.unsent.append(encode_frame(body))
+        self._wakeup.set()
+        if self.in_flight < IN_FLIGHT_PER_CONNECTION_MAX:
+            self._room.set()
+
+    async def write_replies(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup = trio.Event()
+            while self.unsent:
+                data = b"".join(self.unsent)
+                self.unsent.clear()
+                await self.stream.send_all(data)
+
+    async def wait_for_room(self) -> None:
+        self._room = trio.Event()
+        await self._room.wait()
+
+    async def drain(self, timeout_s: float) -> None:
+        """After the peer stopped sending: wait (bounded) for replies in flight."""
+        with trio.move_on_after(timeout_s):
+            while self.in_flight or self.unsent:
+                await trio.sleep(0.01)
 
 
 class NodeServer:
@@ -97,56 +139,38 @@ class NodeServer:
     async def serve(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         token = trio.lowlevel.current_trio_token()
         for shard_id, replica in self.replicas.items():
-            self.proposers[shard_id] = Proposer(replica, token)
+            self.proposers[shard_id] = Proposer(replica, token, timeout_s=REQUEST_TIMEOUT_S)
         listeners = await trio.open_tcp_listeners(self.node.client_port, host=self.node.host)
         self.listen_port = listeners[0].socket.getsockname()[1]
-        task_status.started(self.listen_port)
-        await trio.serve_listeners(self._handle_connection, listeners)
+        async with trio.open_nursery() as nursery:
+            for proposer in self.proposers.values():
+                nursery.start_soon(proposer.expire_stale_batches)
+            task_status.started(self.listen_port)
+            await trio.serve_listeners(self._handle_connection, listeners)
 
     # -- connections -------------------------------------------------------------
 
     async def _handle_connection(self, stream: trio.SocketStream) -> None:
-        send_lock = trio.Lock()
-        limiter = trio.CapacityLimiter(IN_FLIGHT_PER_CONNECTION_MAX)
+        conn = _Connection(stream)
         decoder = FrameDecoder(self.limits.frame_bytes_max)
-
-        async def reply(body: bytes) -> None:
-            async with send_lock:
-                await stream.send_all(encode_frame(body))
-
-        async def run_one(request: Request, borrower: object) -> None:
-            try:
-                body = encode_ok(request.id, await self._dispatch(request))
-            except RaftKVError as exc:
-                body = encode_error(request.id, exc)
-            except Exception as exc:  # a bug: answer, log, keep serving
-                log.exception("request %r failed", request)
-                body = encode_error(request.id, InternalError(f"{type(exc).__name__}: {exc}"))
-            finally:
-                limiter.release_on_behalf_of(borrower)
-            await reply(body)
-
         try:
             async with trio.open_nursery() as nursery:
+                nursery.start_soon(conn.write_replies)
                 while True:
+                    while conn.in_flight >= IN_FLIGHT_PER_CONNECTION_MAX:
+                        await conn.wait_for_room()  # backpressure: stop reading
                     data = await stream.receive_some(READ_CHUNK_BYTES)
                     if not data:
                         break
                     decoder.feed(data)
                     try:
                         for body in decoder.frames():
-                            try:
-                                request = decode_request(body, self.limits)
-                            except RaftKVError as exc:
-                                await reply(encode_error(exc.details.get("request_id"), exc))
-                                continue
-                            borrower = object()
-                            await limiter.acquire_on_behalf_of(borrower)
-                            nursery.start_soon(run_one, request, borrower)
+                            self._handle_frame(body, conn)
                     except FrameTooLarge as exc:
-                        await reply(encode_error(None, TooLarge(str(exc))))
+                        conn.send(encode_error(None, TooLarge(str(exc))))
                         break
-                nursery.cancel_scope.deadline = trio.current_time() + REQUEST_TIMEOUT_S
+                await conn.drain(REQUEST_TIMEOUT_S)
+                nursery.cancel_scope.cancel()
         except* (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
             # The peer went away (reset, or closed while a reply was being sent).
             # Errors from the nursery arrive in an ExceptionGroup; a plain
@@ -155,18 +179,45 @@ class NodeServer:
         finally:
             await stream.aclose()
 
+    def _handle_frame(self, body: bytes, conn: _Connection) -> None:
+        try:
+            request = decode_request(body, self.limits)
+        except RaftKVError as exc:
+            conn.send(encode_error(exc.details.get("request_id"), exc))
+            return
+        conn.in_flight += 1
+        request_id = request.id
+
+        def reply(result: Any, error: RaftKVError | None) -> None:
+            conn.in_flight -= 1
+            if error is None:
+                conn.send(encode_ok(request_id, result))
+            else:
+                conn.send(encode_error(request_id, error))
+
+        try:
+            self._dispatch(request, reply)
+        except RaftKVError as exc:
+            reply(None, exc)
+        except Exception as exc:  # a bug: answer, log, keep serving
+            log.exception("request %r failed", request)
+            reply(None, InternalError(f"{type(exc).__name__}: {exc}"))
+
     # -- requests ---------------------------------------------------------------
 
-    async def _dispatch(self, request: Request) -> Any:
+    def _dispatch(self, request: Request, reply: OnDone) -> None:
+        """Answer ``request`` through ``reply(result, error)``, now or when Raft
+        has committed; raises RaftKVError for a refusal known at once."""
         if isinstance(request, WriteRequest):
-            return await self._write(request)
-        if isinstance(request, GetRequest):
-            return await self._get(request)
-        if isinstance(request, StatusRequest):
-            return self.status()
-        if isinstance(request, PingRequest):
-            return {"node": self.node.id}
-        raise BadRequest(f"unsupported request {type(request).__name__}")
+            self._write(request, reply)
+        elif isinstance(request, GetRequest):
+            self._get(request, reply)
+        elif isinstance(request, StatusRequest):
+            reply(self.status(), None)
+        elif isinstance(request, PingRequest):
+            reply({"node": self.node.id}, None)
+        else:
+            raise BadRequest(f"unsupported request {type(request).__name__}")
 
     def _leader_for(self, shard_id: int) -> tuple[Replica, Proposer]:
         replica = self.replicas.get(shard_id)
@@ -187,7 +238,7 @@ class NodeServer:
             raise BadRequest(f"unknown keyspace {name!r}")
         return ks
 
-    async def _write(self, request: WriteRequest) -> Any:
+    def _write(self, request: WriteRequest, reply: OnDone) -> None:
         ks = self._keyspace(request.keyspace)
         _, proposer = self._leader_for(request.shard)
         mutations = []
@@ -205,22 +256,27 @@ class NodeServer:
                 mutations.append(Mutation(CAS, ls, op.key, op.value, op.expected))
                 size += len(op.key) + len(op.value) + len(op.expected or b"")
         command = Write(ks.id, request.client_id, request.seq, request.ack_seq, tuple(mutations))
-        with trio.fail_after(REQUEST_TIMEOUT_S):
-            result = await proposer.propose(command, size)
-        err = result.get("err")
-        if err == "PRECONDITION_FAILED":
-            # A retried write returns its stored result, which omits the value
-            # the cas found: `current_known` says whether `current` is meaningful.
-            raise PreconditionFailed(
-                f"op {result['op']}: the key does not hold the expected value",
-                op=result["op"], current=result.get("cur"), current_known="cur" in result,
-                index=result.get("i"),
-            )
-        if err is not None:
-            raise OutcomeUnknown(str(result.get("msg", err)))
-        return {"index": result["i"], "results": result["r"]}
 
-    async def _get(self, request: GetRequest) -> Any:
+        def done(result: Any, error: RaftKVError | None) -> None:
+            if error is not None:
+                reply(None, error)
+                return
+            err = result.get("err")
+            if err == "PRECONDITION_FAILED":
+                # A retried write returns its stored result, which omits the value
+                # the cas found: `current_known` says whether `current` is meaningful.
+                reply(None, PreconditionFailed(
+                    f"op {result['op']}: the key does not hold the expected value",
+                    op=result["op"], current=result.get("cur"),
+                    current_known="cur" in result, index=result.get("i")))
+            elif err is not None:
+                reply(None, OutcomeUnknown(str(result.get("msg", err))))
+            else:
+                reply({"index": result["i"], "results": result["r"]}, None)
+
+        proposer.propose(command, done, size)
+
+    def _get(self, request: GetRequest, reply: OnDone) -> None:
         ks = self._keyspace(request.keyspace)
         ls = logical_shard(ks.name, request.key, ks.logical_shards)
         key = layout.data_key(ks.id, ls, request.key)
@@ -229,18 +285,24 @@ class NodeServer:
             if replica is None:
                 raise UnknownShard(f"node {self.node.id} hosts no replica of shard "
                                    f"{request.shard}")
-            value = replica.store.get(key)
-            return {"value": value, "applied": replica.store.applied_index,
-                    "lag": max(0, replica.commit_index - replica.last_applied)}
+            reply({"value": replica.store.get(key), "applied": replica.store.applied_index,
+                   "lag": max(0, replica.commit_index - replica.last_applied)}, None)
+            return
         replica, proposer = self._leader_for(request.shard)
-        with trio.fail_after(REQUEST_TIMEOUT_S):
-            index = await proposer.barrier()
-        return {"value": replica.store.get(key), "index": index}
+
+        def done(result: Any, error: RaftKVError | None) -> None:
+            if error is not None:
+                reply(None, error)
+            else:
+                reply({"value": replica.store.get(key), "index": result["i"]}, None)
+
+        proposer.barrier(done)
 
     def status(self) -> dict[str, Any]:
         shards = []
         for shard_id, replica in sorted(self.replicas.items()):
             leader = replica.leader_address
+            proposer = self.proposers.get(shard_id)
             shards.append({
                 "id": shard_id,
                 "role": "leader" if replica.is_leader else "follower",
@@ -253,6 +315,9 @@ class NodeServer:
                 "snapshots_written": replica.snapshots_written,
                 "snapshots_installed": replica.snapshots_installed,
                 "journal_entries": len(replica.journal),
+                "journal_syncs": replica.journal.syncs,
+                "entries_proposed": proposer.entries_proposed if proposer else 0,
+                "commands_proposed": proposer.commands_proposed if proposer else 0,
             })
         return {
             "node": self.node.id, "dc": self.node.dc, "pid": os.getpid(),
@@ -263,6 +328,7 @@ class NodeServer:
 
 def run_node(cluster_dir: Path, node_id: str, data_dir: Path | None = None) -> None:
     """Entry point of ``raftkv node``: runs until SIGTERM or SIGINT."""
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     cluster, secret = configmod.load(cluster_dir)
     data = Path(data_dir) if data_dir else Path(cluster_dir) / node_id
     server = NodeServer(cluster, secret, node_id, data)

@@ -1,7 +1,9 @@
 """Batching commands into Raft log entries, and read barriers (trio side).
 
-``Proposer.propose(command)`` and ``Proposer.barrier()`` are awaited by
-request handlers. Commands that arrive while ``in_flight_max`` entries are
+``Proposer.propose(command, on_done)`` and ``Proposer.barrier(on_done)`` call
+``on_done(result, error)`` once, in the trio thread, when the entry carrying
+the command commits (or fails). No task or event per request: the server
+turns the callback into a reply. Commands that arrive while ``in_flight_max`` entries are
 already in flight wait and go out together in the next entry, so an idle
 cluster commits each command at once (low latency) and a busy one packs many
 per entry (high throughput) with no timer.
@@ -15,36 +17,39 @@ arrive while a barrier is in flight wait for the next one.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
-from raftkv.errors import InternalError, RaftKVError
+from raftkv.errors import InternalError, RaftKVError, Timeout
 from raftkv.replication.replica import Replica
 from raftkv.statemachine.commands import Barrier, Command, encode_commands
 
+log = logging.getLogger(__name__)
 
-@dataclass(eq=False)
-class _Waiter:
-    event: trio.Event = field(default_factory=trio.Event)
-    result: Any = None
-    error: RaftKVError | None = None
+OnDone = Callable[[Any, RaftKVError | None], None]
 
 
 @dataclass(eq=False)
 class _Batch:
     commands: list[Command] = field(default_factory=list)
-    waiters: list[_Waiter] = field(default_factory=list)
-    readers: _Waiter | None = None
+    waiters: list[OnDone] = field(default_factory=list)
+    readers: list[OnDone] = field(default_factory=list)
     bytes: int = 0
+    proposed_at: float = 0.0
+    done: bool = False
 
 
 class Proposer:
-    def __init__(self, replica: Replica, trio_token: trio.lowlevel.TrioToken,
+    def __init__(self, replica: Replica, trio_token: trio.lowlevel.TrioToken, *,
                  in_flight_max: int = 2, batch_commands_max: int = 2048,
-                 batch_bytes_max: int = 4 * 1024 * 1024) -> None:
+                 batch_bytes_max: int = 4 * 1024 * 1024, timeout_s: float = 10.0) -> None:
         self.replica = replica
+        self.timeout_s = timeout_s
+        self._in_flight_batches: set[_Batch] = set()
         self._token = trio_token
         self.in_flight_max = in_flight_max
         self.batch_commands_max = batch_commands_max
@@ -54,31 +59,19 @@ class Proposer:
         self.entries_proposed = 0
         self.commands_proposed = 0
 
-    async def propose(self, command: Command, size_bytes: int = 0) -> Any:
-        """Replicate one command; returns its apply result or raises RaftKVError."""
-        waiter = _Waiter()
+    def propose(self, command: Command, on_done: OnDone, size_bytes: int = 0) -> None:
+        """Replicate one command; ``on_done(apply result, None)`` or ``(None, error)``."""
         batch = self._pending
         batch.commands.append(command)
-        batch.waiters.append(waiter)
+        batch.waiters.append(on_done)
         batch.bytes += size_bytes
         self._maybe_flush()
-        return await self._wait(waiter)
 
-    async def barrier(self) -> int:
-        """Wait until a barrier proposed after this call is applied here."""
-        batch = self._pending
-        if batch.readers is None:
-            batch.readers = _Waiter()
-        waiter = batch.readers
+    def barrier(self, on_done: OnDone) -> None:
+        """``on_done({"i": index}, None)`` once a barrier proposed after this call
+        is applied here."""
+        self._pending.readers.append(on_done)
         self._maybe_flush()
-        result = await self._wait(waiter)
-        return int(result["i"])
-
-    async def _wait(self, waiter: _Waiter) -> Any:
-        await waiter.event.wait()
-        if waiter.error is not None:
-            raise waiter.error
-        return waiter.result
 
     def _maybe_flush(self) -> None:
         batch = self._pending
@@ -89,11 +82,13 @@ class Proposer:
 
     def _flush(self) -> None:
         batch = self._pending
-        if not batch.commands and batch.readers is None:
+        if not batch.commands and not batch.readers:
             return
         self._pending = _Batch()
+        batch.proposed_at = trio.current_time()
+        self._in_flight_batches.add(batch)
         commands = list(batch.commands)
-        if batch.readers is not None:
+        if batch.readers:
             commands.append(Barrier())
         self._in_flight += 1
         self.entries_proposed += 1
@@ -105,19 +100,37 @@ class Proposer:
 
         self.replica.submit(encode_commands(commands), on_done)
 
+    async def expire_stale_batches(self) -> None:
+        """Fail the waiters of entries that got no answer within ``timeout_s``
+        (one timer for all requests, instead of a cancel scope per request).
+        Their outcome is unknown: the entry may still commit."""
+        while True:
+            await trio.sleep(min(1.0, self.timeout_s / 4))
+            now = trio.current_time()
+            for batch in [b for b in self._in_flight_batches
+                          if now - b.proposed_at > self.timeout_s]:
+                self._complete(batch, None, Timeout(
+                    f"no commit within {self.timeout_s} s; the write may still take effect"))
+
     def _complete(self, batch: _Batch, results: Any, error: RaftKVError | None) -> None:
+        if batch.done:
+            return  # already expired; the late answer changes nothing for the waiters
+        batch.done = True
+        self._in_flight_batches.discard(batch)
         self._in_flight -= 1
-        expected = len(batch.commands) + (batch.readers is not None)
+        expected = len(batch.commands) + bool(batch.readers)
         if error is None and not (isinstance(results, list) and len(results) == expected):
             error = InternalError(f"apply returned {results!r} for a batch of {expected}")
-        waiters = list(batch.waiters)
-        if batch.readers is not None:
-            waiters.append(batch.readers)
-        for position, waiter in enumerate(waiters):
-            if error is not None:
-                waiter.error = error
-            else:
-                waiter.result = results[position]
-            waiter.event.set()
-        if self._pending.commands or self._pending.readers is not None:
+        for position, on_done in enumerate(batch.waiters):
+            self._call(on_done, None if error else results[position], error)
+        for on_done in batch.readers:
+            self._call(on_done, None if error else results[-1], error)
+        if self._pending.commands or self._pending.readers:
             self._flush()
+
+    @staticmethod
+    def _call(on_done: OnDone, result: Any, error: RaftKVError | None) -> None:
+        try:
+            on_done(result, error)
+        except Exception:
+            log.exception("a proposer callback failed")

@@ -17,6 +17,11 @@ def entries(journal: DurableJournal) -> list[tuple[bytes, int, int]]:
     return [journal[i] for i in range(len(journal))]
 
 
+def records_end(data: bytes) -> int:
+    """Where the records stop and the preallocated zeros begin."""
+    return data.index(b"\0" * 8, 36) if b"\0" * 8 in data[36:] else len(data)
+
+
 def reopen(journal: DurableJournal) -> DurableJournal:
     journal._destroy()
     return DurableJournal(journal.directory)
@@ -49,8 +54,10 @@ def test_torn_tail_is_dropped_on_load(tmp_path: Path) -> None:
         j.add(b"value-%d" % i, i, 2)
     j._destroy()
     segment = sorted(tmp_path.glob("seg-*.log"))[-1]
-    data = segment.read_bytes()
-    segment.write_bytes(data[:-3])  # a crash mid-record
+    data = bytearray(segment.read_bytes())
+    end = records_end(bytes(data))
+    data[end - 3 : end] = b"\0\0\0"  # a crash mid-record: its last bytes never written
+    segment.write_bytes(bytes(data))
     j2 = DurableJournal(tmp_path)
     assert entries(j2) == [(b"value-1", 1, 2), (b"value-2", 2, 2)]
     j2.add(b"value-3b", 3, 3)
@@ -64,7 +71,7 @@ def test_corrupt_record_stops_the_log_there(tmp_path: Path) -> None:
     j._destroy()
     segment = sorted(tmp_path.glob("seg-*.log"))[-1]
     data = bytearray(segment.read_bytes())
-    data[-1] ^= 0xFF  # flip a bit of the last record's command
+    data[records_end(bytes(data)) - 1] ^= 0xFF  # flip a bit of the last record's command
     segment.write_bytes(bytes(data))
     assert [e[1] for e in entries(DurableJournal(tmp_path))] == [1, 2]
 
@@ -117,6 +124,19 @@ def test_conflicting_entry_truncates_and_is_reported(tmp_path: Path) -> None:
     assert entries(j)[4:] == [(b"c5", 5, 1), (b"new6", 6, 2)]
     assert conflicts == [6]
     assert entries(reopen(j))[4:] == [(b"c5", 5, 1), (b"new6", 6, 2)]
+
+
+def test_segments_are_preallocated_and_reload_cleanly(tmp_path: Path) -> None:
+    j = DurableJournal(tmp_path)
+    for i in range(1, 4):
+        j.add(b"x" * 100, i, 1)
+    j.sync()
+    segment = sorted(tmp_path.glob("seg-*.log"))[-1]
+    assert segment.stat().st_size >= 4 * 1024 * 1024  # zeros the records overwrite
+    j2 = reopen(j)
+    assert [e[1] for e in entries(j2)] == [1, 2, 3]
+    j2.add(b"y", 4, 1)
+    assert [e[1] for e in entries(reopen(j2))] == [1, 2, 3, 4]
 
 
 def test_term_and_vote_are_durable(tmp_path: Path) -> None:

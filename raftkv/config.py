@@ -17,7 +17,7 @@ from typing import Any
 from raftkv.replication.replica import RaftSettings
 
 CONFIG_NAME = "cluster.json"
-SECRET_NAME = "secret"
+SECRET_NAME = "secret"  # noqa: S105 - a file name, not a secret
 
 
 class ConfigError(Exception):

@@ -108,7 +108,8 @@ class _Connection:
         self._next_id += 1
         request_id = self._next_id
         msg["id"] = request_id
-        event, slot = trio.Event(), []
+        event = trio.Event()
+        slot: list[Any] = []
         self._waiters[request_id] = (event, slot)
         try:
             async with self._send_lock:

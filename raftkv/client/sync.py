@@ -9,6 +9,7 @@ A background thread runs a trio event loop; every call is forwarded to it.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -77,10 +78,8 @@ class Client:
 
     def close(self) -> None:
         if self._stop is not None and self._token is not None:
-            try:
+            with contextlib.suppress(trio.RunFinishedError):
                 trio.from_thread.run_sync(self._stop.set, trio_token=self._token)
-            except trio.RunFinishedError:
-                pass
         self._thread.join(timeout=10)
 
     def __enter__(self) -> Client:

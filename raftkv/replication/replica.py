@@ -238,7 +238,7 @@ class _Group(SyncObj):  # type: ignore[misc]
         self._replica = replica
         super().__init__(self_address, peers, conf=conf, transportClass=transport_class)
 
-    @replicated
+    @replicated  # type: ignore[untyped-decorator]
     def apply_entry(self, payload: bytes) -> Any:
         # pysyncobj applies entries in order and advances raftLastApplied after
         # this returns, so this entry's index is raftLastApplied + 1.
@@ -255,6 +255,7 @@ class Replica:
         self_address: str,
         peer_addresses: list[str],
         secret: str,
+        *,
         settings: RaftSettings | None = None,
         sync_fn: Callable[[int], None] = os.fdatasync,
         exit_fn: Callable[[int], None] = os._exit,
@@ -407,7 +408,7 @@ class Replica:
             state = self._dump_state
             if state in (SERIALIZER_STATE.SUCCESS, SERIALIZER_STATE.FAILED):
                 self._dump_state = SERIALIZER_STATE.NOT_SERIALIZING
-            return state
+            return int(state)
 
     def _deserialize(self, file_name: str) -> tuple[Any, Any, list[str]]:
         """At start, and when a snapshot from the leader was received."""

@@ -129,7 +129,8 @@ class NodeServer:
             peers = [self.cluster.raft_address(shard, r) for r in shard.replicas if r is not me]
             self.replicas[shard.id] = Replica(
                 shard.id, self.data_dir / f"shard-{shard.id}",
-                self.cluster.raft_address(shard, me), peers, self.secret, self.cluster.raft,
+                self.cluster.raft_address(shard, me), peers, self.secret,
+                settings=self.cluster.raft,
             )
 
     def close(self) -> None:

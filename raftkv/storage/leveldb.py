@@ -196,7 +196,8 @@ def write_snapshot(
     out: BinaryIO, meta: dict[str, Any], applied: int, pairs: Iterator[tuple[bytes, bytes]]
 ) -> int:
     """Write a snapshot file; returns the number of pairs. The caller fsyncs."""
-    out.write(encode_frame(cbor2.dumps({"magic": SNAPSHOT_MAGIC, "meta": meta, "applied": applied})))
+    header = {"magic": SNAPSHOT_MAGIC, "meta": meta, "applied": applied}
+    out.write(encode_frame(cbor2.dumps(header)))
     count = 0
     block: list[list[bytes]] = []
     for key, value in pairs:

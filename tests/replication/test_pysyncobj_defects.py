@@ -67,7 +67,7 @@ def group(tmp_path: Path) -> Iterator[Callable[..., list[Replica]]]:
         for i, address in enumerate(addresses):
             made.append(Replica(0, tmp_path / f"r{i}", address,
                                 [a for a in addresses if a != address], "test-secret",
-                                kwargs.get("settings", FAST), **{k: v for k, v in kwargs.items()
+                                settings=kwargs.get("settings", FAST), **{k: v for k, v in kwargs.items()
                                                                  if k != "settings"}))
         replicas = made[-n:]
         wait_for(lambda: any(r.is_leader for r in replicas))
@@ -283,7 +283,7 @@ def test_dump_crash_window_keeps_the_journal_tail(tmp_path: Path, fixed: bool,
     address = f"127.0.0.1:{free_port()}"
     settings = RaftSettings(election_timeout_s_min=0.3, election_timeout_s_max=0.6,
                             heartbeat_period_s=0.05, connection_timeout_s=1.0)
-    single = Replica(0, tmp_path, address, [], "s", settings)
+    single = Replica(0, tmp_path, address, [], "s", settings=settings)
     try:
         wait_for(lambda: single.is_leader)
         for seq in range(1, 41):
@@ -295,7 +295,7 @@ def test_dump_crash_window_keeps_the_journal_tail(tmp_path: Path, fixed: bool,
         from raftkv.replication.journal import DurableJournal
 
         monkeypatch.setattr(DurableJournal, "position_of", lambda self, entry: None)
-    restarted = Replica(0, tmp_path, address, [], "s", settings)
+    restarted = Replica(0, tmp_path, address, [], "s", settings=settings)
     try:
         wait_for(lambda: restarted.is_leader)
         if fixed:

@@ -30,8 +30,8 @@ from raftkv.localcluster import free_port
 from raftkv.replication.journal import DurableJournal
 from raftkv.replication.replica import RaftSettings, Replica
 from raftkv.statemachine import layout
-from raftkv.statemachine.commands import PUT, Barrier, Mutation, Write, encode_commands
-from tests.replication.test_pysyncobj_defects import FAST, wait_for
+from raftkv.statemachine.commands import Barrier, encode_commands
+from tests.replication.support import FAST, put_command, submit, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -61,24 +61,6 @@ class SyncRecorder:
         return cut
 
 
-def put(seq: int, key: bytes, value: bytes) -> bytes:
-    return encode_commands([Write(0, b"p" * 16, seq, seq - 1, (Mutation(PUT, 0, key, value),))])
-
-
-def submit(replica: Replica, payload: bytes, timeout_s: float = 10.0) -> Any:
-    done = threading.Event()
-    out: list[Any] = []
-
-    def on_done(result: Any, error: RaftKVError | None) -> None:
-        out.append((result, error))
-        done.set()
-
-    replica.submit(payload, on_done)
-    if not done.wait(timeout_s):
-        return None, None
-    return out[0]
-
-
 def start_group(base: Path, addresses: list[str], sync_fn: Callable[[int], None],
                 settings: RaftSettings = FAST) -> list[Replica]:
     return [Replica(0, base / f"r{i}", a, [x for x in addresses if x != a], "secret",
@@ -102,7 +84,7 @@ def power_off(replicas: list[Replica], monkeypatch: pytest.MonkeyPatch) -> None:
 def read_all(replicas: list[Replica], keys: list[bytes]) -> dict[bytes, bytes | None]:
     wait_for(lambda: any(r.is_leader for r in replicas), 15)
     leader = next(r for r in replicas if r.is_leader)
-    result, error = submit(leader, encode_commands([Barrier()]))
+    _, error = submit(leader, encode_commands([Barrier()]))
     assert error is None, error
     return {k: leader.store.get(layout.data_key(0, 0, k)) for k in keys}
 
@@ -118,7 +100,8 @@ def test_acknowledged_writes_survive_losing_everything_unsynced(
     for round_ in range(rounds):
         replicas = start_group(tmp_path, addresses, recorder)
         try:
-            wait_for(lambda: any(r.is_leader for r in replicas), 15)
+            group = replicas
+            wait_for(lambda: any(r.is_leader for r in group), 15)
             leader = next(r for r in replicas if r.is_leader)
             # Writes keep flowing; the power goes out with entries in flight.
             lock = threading.Lock()
@@ -130,13 +113,16 @@ def test_acknowledged_writes_survive_losing_everything_unsynced(
                 key, value = b"k%d" % (i % 120), b"r%d-v%d" % (round_, i)
 
                 def on_done(result: Any, error: RaftKVError | None, i: int = i,
-                            key: bytes = key, value: bytes = value) -> None:
+                            key: bytes = key, value: bytes = value,
+                            lock: threading.Lock = lock, powered: list[bool] = powered,
+                            acks: list[tuple[int, bytes, bytes]] = acks) -> None:
                     with lock:
                         if powered[0] and error is None:
                             acks.append((i, key, value))
 
-                leader.submit(put(seq, key, value), on_done)
-            wait_for(lambda: len(acks) >= 200, 20)
+                leader.submit(put_command(seq, key, value, b"p" * 16), on_done)
+            seen = acks
+            wait_for(lambda: len(seen) >= 200, 20)
             with lock:
                 powered[0] = False  # acks after this instant were never seen
             # the last acknowledged value of each key (entries apply in order)
@@ -176,7 +162,7 @@ def test_the_power_loss_check_can_fail(tmp_path: Path, monkeypatch: pytest.Monke
         wait_for(lambda: any(r.is_leader for r in replicas), 15)
         leader = next(r for r in replicas if r.is_leader)
         for seq in range(1, 21):
-            _, error = submit(leader, put(seq, b"key", b"v%d" % seq))
+            _, error = submit(leader, put_command(seq, b"key", b"v%d" % seq))
             assert error is None
     finally:
         power_off(replicas, monkeypatch)

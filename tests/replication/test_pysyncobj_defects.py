@@ -7,7 +7,6 @@ import os
 import pickle
 import socket
 import struct
-import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -19,42 +18,19 @@ from pysyncobj import SyncObj, SyncObjConf, replicated
 from pysyncobj.journal import FileJournal, ResizableFile
 from pysyncobj.transport import TCPTransport
 
-from raftkv.errors import RaftKVError
 from raftkv.localcluster import free_port
 from raftkv.replication import replica as replica_mod
 from raftkv.replication.replica import RaftSettings, Replica
 from raftkv.statemachine import layout
-from raftkv.statemachine.commands import PUT, Mutation, Write, encode_commands
-from raftkv.storage.leveldb import write_snapshot
+from raftkv.replication.journal import DurableJournal
+from raftkv.storage.leveldb import Store, write_snapshot
+from tests.replication.support import FAST, put_command, submit, wait_for
 
 pytestmark = pytest.mark.timeout(60)
-FAST = RaftSettings(election_timeout_s_min=0.3, election_timeout_s_max=0.6,
-                    heartbeat_period_s=0.05, connection_timeout_s=1.0)
-
-
-def wait_for(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
-
-
-def put_command(seq: int, key: bytes, value: bytes = b"v") -> bytes:
-    return encode_commands([Write(0, b"c" * 16, seq, seq - 1, (Mutation(PUT, 0, key, value),))])
-
-
 def submit_and_wait(replica: Replica, payload: bytes, timeout_s: float = 10.0) -> Any:
-    done = threading.Event()
-    out: list[Any] = []
-
-    def on_done(result: Any, error: RaftKVError | None) -> None:
-        out.append((result, error))
-        done.set()
-
-    replica.submit(payload, on_done)
-    assert done.wait(timeout_s), "no result"
-    result, error = out[0]
+    result, error = submit(replica, payload, timeout_s)
     assert error is None, error
+    assert result is not None, "no result"
     return result
 
 
@@ -67,8 +43,8 @@ def group(tmp_path: Path) -> Iterator[Callable[..., list[Replica]]]:
         for i, address in enumerate(addresses):
             made.append(Replica(0, tmp_path / f"r{i}", address,
                                 [a for a in addresses if a != address], "test-secret",
-                                settings=kwargs.get("settings", FAST), **{k: v for k, v in kwargs.items()
-                                                                 if k != "settings"}))
+                                settings=kwargs.get("settings", FAST),
+                                **{k: v for k, v in kwargs.items() if k != "settings"}))
         replicas = made[-n:]
         wait_for(lambda: any(r.is_leader for r in replicas))
         return replicas
@@ -165,7 +141,7 @@ class Counting(SyncObj):  # type: ignore[misc]
 def test_pysyncobj_reapplies_an_entry_whose_apply_raised() -> None:
     obj = Counting(f"127.0.0.1:{free_port()}", SyncObjConf(autoTickPeriod=0.01))
     try:
-        wait_for(lambda: obj._isLeader())
+        wait_for(obj._isLeader)
         obj.bump(7)
         wait_for(lambda: len(obj.calls) >= 2)
         assert obj.calls[:2] == [7, 7]  # the defect: one entry, applied twice
@@ -261,9 +237,6 @@ def test_raft_port_binds_only_the_configured_address(group: Callable[..., list[R
 def _craft_crash_window(directory: Path, position: int) -> int:
     """Write a dump covering the journal up to ``position`` without truncating
     the journal: the state after a crash between the two steps."""
-    from raftkv.replication.journal import DurableJournal
-    from raftkv.storage.leveldb import Store
-
     journal = DurableJournal(directory / "journal")
     store = Store(directory / "state")
     meta = {"last": list(journal[position]), "prev": list(journal[position - 1]),
@@ -292,8 +265,6 @@ def test_dump_crash_window_keeps_the_journal_tail(tmp_path: Path, fixed: bool,
         single.destroy()
     length = _craft_crash_window(tmp_path, 10)
     if not fixed:
-        from raftkv.replication.journal import DurableJournal
-
         monkeypatch.setattr(DurableJournal, "position_of", lambda self, entry: None)
     restarted = Replica(0, tmp_path, address, [], "s", settings=settings)
     try:

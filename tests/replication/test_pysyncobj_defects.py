@@ -20,9 +20,9 @@ from pysyncobj.transport import TCPTransport
 
 from raftkv.localcluster import free_port
 from raftkv.replication import replica as replica_mod
+from raftkv.replication.journal import DurableJournal
 from raftkv.replication.replica import RaftSettings, Replica
 from raftkv.statemachine import layout
-from raftkv.replication.journal import DurableJournal
 from raftkv.storage.leveldb import Store, write_snapshot
 from tests.replication.support import FAST, put_command, submit, wait_for
 

@@ -78,6 +78,8 @@ class DurableJournal(Journal):  # type: ignore[misc]
         self._entries: list[Entry] = []
         # position of each entry: (segment number, byte offset of its record)
         self._positions: list[tuple[int, int]] = []
+        self._sizes: list[int] = []  # record size of each entry
+        self.bytes = 0  # record bytes of the entries held (the log since compaction)
         self._segment = 0
         self._fd = -1
         self._offset = 0
@@ -137,6 +139,8 @@ class DurableJournal(Journal):  # type: ignore[misc]
                     break
                 self._entries.append(entry)
                 self._positions.append((number, offset))
+                self._sizes.append(size)
+                self.bytes += size
                 offset += size
             last_good = (number, offset)
             if torn:
@@ -222,6 +226,8 @@ class DurableJournal(Journal):  # type: ignore[misc]
             os.write(self._fd, record)
             self._entries.append((command, idx, term))
             self._positions.append((self._segment, self._offset))
+            self._sizes.append(len(record))
+            self.bytes += len(record)
             self._offset += len(record)
             self._dirty = True
 
@@ -229,6 +235,8 @@ class DurableJournal(Journal):  # type: ignore[misc]
         self._pending_truncate = None
         self._entries = []
         self._positions = []
+        self._sizes = []
+        self.bytes = 0
         self._new_segment()
         self._meta["first_segment"] = self._segment
         self._meta["first_index"] = 0
@@ -246,6 +254,8 @@ class DurableJournal(Journal):  # type: ignore[misc]
         segment, offset = self._positions[entryFrom]
         del self._entries[entryFrom:]
         del self._positions[entryFrom:]
+        self.bytes -= sum(self._sizes[entryFrom:])
+        del self._sizes[entryFrom:]
         # Later segments first: a crash in between leaves a valid, longer prefix.
         for number in self._segments_on_disk():
             if number > segment:
@@ -264,6 +274,8 @@ class DurableJournal(Journal):  # type: ignore[misc]
             return
         del self._entries[:entryTo]
         del self._positions[:entryTo]
+        self.bytes -= sum(self._sizes[:entryTo])
+        del self._sizes[:entryTo]
         first_index = self._entries[0][1] if self._entries else 0
         if not self._entries:
             self.clear()

@@ -181,6 +181,9 @@ class RaftSettings:
     append_entries_bytes_max: int = 1 << 20
     socket_buffer_bytes: int = 1 << 20
     log_compaction_entries_min: int = 20_000
+    # pysyncobj counts entries only; one entry can batch thousands of commands,
+    # so the journal (held in memory too) is also compacted past this size.
+    log_compaction_bytes_max: int = 64 * 1024 * 1024
     log_compaction_period_s: float = 600.0
     snapshot_chunk_bytes: int = 1 << 20
 
@@ -242,7 +245,7 @@ class _Group(SyncObj):  # type: ignore[misc]
     def apply_entry(self, payload: bytes) -> Any:
         # pysyncobj applies entries in order and advances raftLastApplied after
         # this returns, so this entry's index is raftLastApplied + 1.
-        return self._replica._apply(self.raftLastApplied + 1, payload)
+        return self._replica._apply(self.raftLastApplied + 1, payload, self)
 
 
 class Replica:
@@ -274,6 +277,7 @@ class Replica:
         self._dump_lock = threading.Lock()
         self.snapshots_written = 0
         self.snapshots_installed = 0
+        self._compaction_forced = False
         journal_key = str(self.directory / "journal")
         with _journals_lock:
             _pending_journals[journal_key] = self.journal
@@ -283,7 +287,7 @@ class Replica:
 
     # -- the apply path (Raft thread) ------------------------------------------
 
-    def _apply(self, index: int, payload: bytes) -> Any:
+    def _apply(self, index: int, payload: bytes, group: SyncObj) -> Any:
         try:
             # A lone replica acks after apply with no message in between.
             self.journal.sync()
@@ -291,6 +295,10 @@ class Replica:
                 return None  # replay of an entry already in LevelDB
             out = apply_entry(self.store.get, index, payload)
             self.store.write(out.writes)
+            if (self.journal.bytes > self.settings.log_compaction_bytes_max
+                    and not self._compaction_forced):
+                self._compaction_forced = True
+                group.forceLogCompaction()  # (self._group is unset during replay at start)
             if out.error is not None:
                 log.error("shard %d: %s", self.shard_id, out.error)
                 return {"error": out.error}
@@ -408,6 +416,7 @@ class Replica:
             state = self._dump_state
             if state in (SERIALIZER_STATE.SUCCESS, SERIALIZER_STATE.FAILED):
                 self._dump_state = SERIALIZER_STATE.NOT_SERIALIZING
+                self._compaction_forced = False
             return int(state)
 
     def _deserialize(self, file_name: str) -> tuple[Any, Any, list[str]]:

@@ -208,5 +208,8 @@ def test_journal_matches_a_list_model(tmp_path_factory: pytest.TempPathFactory,
             j.clear()
             model = []
         assert entries(j) == model
+        assert j.bytes == sum(24 + len(command) for command, _, _ in model)
     j.sync()
-    assert entries(reopen(j)) == model
+    j2 = reopen(j)
+    assert entries(j2) == model
+    assert j2.bytes == sum(24 + len(command) for command, _, _ in model)

@@ -17,10 +17,10 @@ from typing import Any
 
 import click
 import trio
-from raftkv_cli.workload import percentile, run_clients
 
 from raftkv.client import open_client
 from raftkv.localcluster import LocalCluster
+from raftkv_cli.workload import percentile, run_clients
 
 
 async def _measure(addresses: list[str], counts: list[int], duration_s: float,

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import click
 import trio
-from raftkv_cli.status import cluster_status, render_status
-from raftkv_cli.workload import percentile
 
 from raftkv.client import AsyncClient, open_client
 from raftkv.errors import PreconditionFailed, RaftKVError
 from raftkv.localcluster import LocalCluster
+from raftkv_cli.status import cluster_status, render_status
+from raftkv_cli.workload import percentile
 
 MARKER = ".raftkv-demo"
 

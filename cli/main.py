@@ -194,16 +194,21 @@ def delete(cluster_dir: Path, key: str) -> None:
 @cluster_dir_option
 @click.argument("key")
 @click.option("--expect", help="Current value required.")
+@click.option("--expect-file", type=click.File("rb"), help="Read the required value from a file.")
 @click.option("--expect-absent", is_flag=True, help="Require the key to be absent.")
-@click.option("--value", "new_value", required=True, help="New value.")
+@click.option("--value", "new_value", help="New value.")
+@click.option("--value-file", type=click.File("rb"), help="Read the new value from a file.")
 @value_options
-def cas(cluster_dir: Path, key: str, expect: str | None, expect_absent: bool, new_value: str,
-        as_hex: bool) -> None:
-    """Set KEY to --value only if it holds --expect (or is absent)."""
-    if (expect is None) == (not expect_absent):
-        raise click.UsageError("give exactly one of --expect or --expect-absent")
-    expected = None if expect_absent else decode_value(expect or "", as_hex)
-    data = decode_value(new_value, as_hex)
+def cas(cluster_dir: Path, key: str, expect: str | None, expect_file: Any, expect_absent: bool,
+        new_value: str | None, value_file: Any, as_hex: bool) -> None:
+    """Set KEY to the new value only if it holds the expected one (or is absent)."""
+    if sum((expect is not None, expect_file is not None, expect_absent)) != 1:
+        raise click.UsageError("give exactly one of --expect, --expect-file or --expect-absent")
+    if (new_value is None) == (value_file is None):
+        raise click.UsageError("give exactly one of --value or --value-file")
+    expected = (None if expect_absent else expect_file.read() if expect_file is not None
+                else decode_value(expect or "", as_hex))
+    data = value_file.read() if value_file is not None else decode_value(new_value or "", as_hex)
     result = with_client(cluster_dir, lambda kv: kv.cas(key, expected, data))
     click.echo(f"OK index={result.index}")
 

@@ -117,6 +117,16 @@ def test_cli_end_to_end(cluster_dir: Path) -> None:
     assert hexcas.returncode == 0, hexcas.stderr.decode()
     assert run("get", *d, "--hex", "bin").stdout == b"c0\n"
 
+    # --value-file / --expect-file carry arbitrary bytes.
+    blob = cluster_dir / "blob.bin"
+    blob.write_bytes(b"\x00bytes\xff")
+    filecas = run("cas", *d, "blob", "--expect-absent", "--value-file", str(blob))
+    assert filecas.returncode == 0, filecas.stderr.decode()
+    assert run("get", *d, "blob").stdout == b"\x00bytes\xff\n"
+    swapped = run("cas", *d, "blob", "--expect-file", str(blob), "--value", "text")
+    assert swapped.returncode == 0, swapped.stderr.decode()
+    assert run("get", *d, "blob").stdout == b"text\n"
+
     # delete: 0 if it existed, 1 if not.
     assert run("delete", *d, "lock").returncode == 0
     gone = run("delete", *d, "lock")
@@ -129,6 +139,7 @@ def test_cli_end_to_end(cluster_dir: Path) -> None:
                  ["put", *d, "k"],                              # no value
                  ["cas", *d, "k", "--value", "v"],               # no --expect
                  ["cas", *d, "k", "--expect", "a", "--expect-absent", "--value", "v"],
+                 ["cas", *d, "k", "--expect-absent"],            # no new value
                  ["put", *d, "--hex", "k", "zz"],               # not hex
                  ["get", *d, "k", "--no-such-option"],
                  ["no-such-command"]):

@@ -4,6 +4,7 @@ Raft's truncation rule (identical entries are kept, conflicts truncate)."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -48,16 +49,23 @@ def test_sync_calls_the_sync_function_once_per_group(tmp_path: Path) -> None:
     assert len(calls) == 1 and not j.unsynced
 
 
-def test_torn_tail_is_dropped_on_load(tmp_path: Path) -> None:
-    j = DurableJournal(tmp_path)
+def write_three_then_damage(directory: Path, damage: Callable[[bytearray, int], None]) -> None:
+    """Three records on disk, then ``damage(segment bytes, end of records)``."""
+    j = DurableJournal(directory)
     for i in range(1, 4):
         j.add(b"value-%d" % i, i, 2)
     j._destroy()
-    segment = sorted(tmp_path.glob("seg-*.log"))[-1]
+    segment = sorted(directory.glob("seg-*.log"))[-1]
     data = bytearray(segment.read_bytes())
-    end = records_end(bytes(data))
-    data[end - 3 : end] = b"\0\0\0"  # a crash mid-record: its last bytes never written
+    damage(data, records_end(bytes(data)))
     segment.write_bytes(bytes(data))
+
+
+def test_torn_tail_is_dropped_on_load(tmp_path: Path) -> None:
+    def tear(data: bytearray, end: int) -> None:
+        data[end - 3 : end] = b"\0\0\0"  # a crash mid-record: its last bytes never written
+
+    write_three_then_damage(tmp_path, tear)
     j2 = DurableJournal(tmp_path)
     assert entries(j2) == [(b"value-1", 1, 2), (b"value-2", 2, 2)]
     j2.add(b"value-3b", 3, 3)
@@ -65,14 +73,10 @@ def test_torn_tail_is_dropped_on_load(tmp_path: Path) -> None:
 
 
 def test_corrupt_record_stops_the_log_there(tmp_path: Path) -> None:
-    j = DurableJournal(tmp_path)
-    for i in range(1, 4):
-        j.add(b"value-%d" % i, i, 2)
-    j._destroy()
-    segment = sorted(tmp_path.glob("seg-*.log"))[-1]
-    data = bytearray(segment.read_bytes())
-    data[records_end(bytes(data)) - 1] ^= 0xFF  # flip a bit of the last record's command
-    segment.write_bytes(bytes(data))
+    def flip(data: bytearray, end: int) -> None:
+        data[end - 1] ^= 0xFF  # flip a bit of the last record's command
+
+    write_three_then_damage(tmp_path, flip)
     assert [e[1] for e in entries(DurableJournal(tmp_path))] == [1, 2]
 
 

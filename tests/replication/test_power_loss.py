@@ -100,8 +100,7 @@ def test_acknowledged_writes_survive_losing_everything_unsynced(
     for round_ in range(rounds):
         replicas = start_group(tmp_path, addresses, recorder)
         try:
-            group = replicas
-            wait_for(lambda: any(r.is_leader for r in group), 15)
+            wait_for(lambda group=replicas: any(r.is_leader for r in group), 15)
             leader = next(r for r in replicas if r.is_leader)
             # Writes keep flowing; the power goes out with entries in flight.
             lock = threading.Lock()
@@ -121,8 +120,7 @@ def test_acknowledged_writes_survive_losing_everything_unsynced(
                             acks.append((i, key, value))
 
                 leader.submit(put_command(seq, key, value, b"p" * 16), on_done)
-            seen = acks
-            wait_for(lambda: len(seen) >= 200, 20)
+            wait_for(lambda seen=acks: len(seen) >= 200, 20)
             with lock:
                 powered[0] = False  # acks after this instant were never seen
             # the last acknowledged value of each key (entries apply in order)

@@ -154,6 +154,12 @@ class _DurableTransport(TCPTransport):  # type: ignore[misc]
                 return True
             return bool(super().send(node, message))
 
+    def _onMessageReceived(self, node: Any, message: Any) -> None:
+        super()._onMessageReceived(node, message)
+        kept = self._journal.settle()
+        if kept:
+            reapply_membership(self._syncObj, kept)
+
     def flush(self) -> None:
         self._journal.sync()  # the leader's own entries, before its next commit count
         with self._outbox_lock:
@@ -162,6 +168,21 @@ class _DurableTransport(TCPTransport):  # type: ignore[misc]
             outbox, self._outbox = self._outbox, []
             for node, message in outbox:
                 super().send(node, message)
+
+
+def reapply_membership(sync_obj: Any, kept: list[tuple[bytes, int, int]]) -> int:
+    """Before "deleting" a log tail, pysyncobj reverses the membership changes
+    in it. The DurableJournal keeps entries that do not conflict, so their
+    changes are applied again here, in log order. Returns how many there were."""
+    parse = sync_obj._SyncObj__parseChangeClusterRequest
+    change = sync_obj._SyncObj__doChangeCluster
+    count = 0
+    for command, _, _ in kept:
+        request = parse(command)
+        if request is not None:
+            change(request)
+            count += 1
+    return count
 
 
 # -- settings ---------------------------------------------------------------------

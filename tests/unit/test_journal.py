@@ -117,6 +117,35 @@ def test_identical_entries_after_delete_from_are_kept(tmp_path: Path) -> None:
     assert [e[1] for e in entries(reopen(j))] == list(range(1, 11))
 
 
+def test_an_append_after_a_resend_appends(tmp_path: Path) -> None:
+    """After an overlapping message re-added entries 5-6 of 1-10, the next
+    message may start at the end (prevLogIdx = 10): entry 11 is appended and
+    nothing is truncated (a stale 'truncate from 7' marker once cut 7-10 here,
+    leaving a gap)."""
+    conflicts: list[int] = []
+    j = DurableJournal(tmp_path, on_conflict=conflicts.append)
+    for i in range(1, 11):
+        j.add(b"c%d" % i, i, 1)
+    j.deleteEntriesFrom(4)
+    j.add(b"c5", 5, 1)
+    j.add(b"c6", 6, 1)
+    assert j.settle() == [(b"c%d" % i, i, 1) for i in range(7, 11)]  # the kept tail
+    j.add(b"c11", 11, 1)
+    assert [e[1] for e in entries(j)] == list(range(1, 12))
+    assert conflicts == [] and j.truncations == 0
+    assert [e[1] for e in entries(reopen(j))] == list(range(1, 12))
+
+
+def test_an_append_after_a_resend_appends_even_unsettled(tmp_path: Path) -> None:
+    j = DurableJournal(tmp_path)
+    for i in range(1, 11):
+        j.add(b"c%d" % i, i, 1)
+    j.deleteEntriesFrom(4)
+    j.add(b"c5", 5, 1)
+    j.add(b"c11", 11, 1)  # no settle() in between: still an append
+    assert [e[1] for e in entries(j)] == list(range(1, 12))
+
+
 def test_conflicting_entry_truncates_and_is_reported(tmp_path: Path) -> None:
     conflicts: list[int] = []
     j = DurableJournal(tmp_path, on_conflict=conflicts.append)

@@ -381,12 +381,6 @@ class Replica:
     def last_applied(self) -> int:
         return int(self._group.raftLastApplied)
 
-    def raft_status(self) -> dict[str, Any]:
-        return dict(self._group.getStatus())
-
-    def force_log_compaction(self) -> None:
-        self._group.forceLogCompaction()
-
     def destroy(self) -> None:
         """Stop the Raft thread and close files."""
         self._group.destroy()

@@ -113,23 +113,6 @@ class Store:
             if applied is not None:
                 self._applied = decode_index(applied)
 
-    def scan(self, prefix: bytes, limit: int | None = None) -> list[tuple[bytes, bytes]]:
-        with self._lock:
-            out: list[tuple[bytes, bytes]] = []
-            for item in self._db.iterator(prefix=prefix):
-                out.append(item)
-                if limit is not None and len(out) >= limit:
-                    break
-            return out
-
-    def count(self, prefix: bytes) -> int:
-        with self._lock:
-            return sum(1 for _ in self._db.iterator(prefix=prefix, include_value=False))
-
-    def disk_bytes(self) -> int:
-        root = self.directory / self._name
-        return sum(p.stat().st_size for p in root.iterdir() if p.is_file())
-
     # -- snapshots ----------------------------------------------------------
 
     def begin_dump(self) -> tuple[int, Iterator[tuple[bytes, bytes]]]:

@@ -1,0 +1,76 @@
+"""Proposer: batching under an in-flight window, barriers shared by reads,
+results handed back in order, and the timeout that fails a stale entry once.
+
+The replica is a stand-in recording what would be proposed (this is the
+batching logic, not Raft); the results are those apply_entry would give.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+
+from raftkv.errors import RaftKVError, Timeout
+from raftkv.server.proposer import Proposer
+from raftkv.statemachine.commands import Barrier, Write, decode_commands
+
+
+class HeldReplica:
+    """Keeps each submitted entry until the test answers it."""
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[list[Any], Any]] = []
+
+    def submit(self, payload: bytes, on_done: Any) -> None:
+        self.entries.append((decode_commands(payload), on_done))
+
+    def answer(self, n: int) -> None:
+        commands, on_done = self.entries[n]
+        on_done([{"i": 100 + n} if isinstance(c, Barrier) else {"i": 100 + n, "r": [None]}
+                 for c in commands], None)
+
+
+def write(seq: int) -> Write:
+    return Write(0, b"c" * 16, seq, seq - 1, ())
+
+
+async def test_batches_wait_for_the_window_and_answer_in_order() -> None:
+    replica = HeldReplica()
+    proposer = Proposer(replica, trio.lowlevel.current_trio_token(), in_flight_max=2)  # type: ignore[arg-type]
+    got: list[tuple[str, Any, RaftKVError | None]] = []
+    for seq in range(1, 6):
+        proposer.propose(write(seq), lambda r, e, s=seq: got.append((f"w{s}", r, e)))
+    proposer.barrier(lambda r, e: got.append(("read-a", r, e)))
+    proposer.barrier(lambda r, e: got.append(("read-b", r, e)))
+    # two entries go out at once (one command each); the rest wait and batch
+    assert [len(c) for c, _ in replica.entries] == [1, 1]
+    replica.answer(0)
+    await trio.testing.wait_all_tasks_blocked()
+    # the freed slot takes everything pending: 3 writes and ONE barrier
+    assert [len(c) for c, _ in replica.entries] == [1, 1, 4]
+    assert sum(isinstance(c, Barrier) for c in replica.entries[2][0]) == 1
+    replica.answer(1)
+    replica.answer(2)
+    await trio.testing.wait_all_tasks_blocked()
+    assert [name for name, _, _ in got] == ["w1", "w2", "w3", "w4", "w5", "read-a", "read-b"]
+    assert got[-1][1] == {"i": 102} and got[-2][1] == {"i": 102}
+    assert all(e is None for _, _, e in got)
+
+
+async def test_a_stale_entry_times_out_once_and_a_late_answer_is_ignored() -> None:
+    replica = HeldReplica()
+    proposer = Proposer(replica, trio.lowlevel.current_trio_token(), timeout_s=0.2)  # type: ignore[arg-type]
+    got: list[tuple[Any, RaftKVError | None]] = []
+    proposer.propose(write(1), lambda r, e: got.append((r, e)))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(proposer.expire_stale_batches)
+        await trio.sleep(0.6)
+        nursery.cancel_scope.cancel()
+    assert len(got) == 1 and isinstance(got[0][1], Timeout) and not got[0][1].definite
+    replica.answer(0)  # the entry commits after all: nobody hears twice
+    await trio.testing.wait_all_tasks_blocked()
+    assert len(got) == 1
+    # and the window slot was freed: a new command goes out at once
+    proposer.propose(write(2), lambda r, e: got.append((r, e)))
+    assert len(replica.entries) == 2

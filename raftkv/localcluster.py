@@ -103,6 +103,8 @@ class LocalCluster:
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory).resolve()
         self.config, self.secret = configmod.load(self.directory)
+        # processes this object started (so their exit can be reaped and seen)
+        self._children: dict[str, subprocess.Popen[bytes]] = {}
 
     @classmethod
     def create(cls, directory: Path, **options: Any) -> LocalCluster:
@@ -179,7 +181,6 @@ class LocalCluster:
         )
         log.close()
         self._pid_file(node_id).write_text(str(process.pid))
-        self._children = getattr(self, "_children", {})
         self._children[node_id] = process
         return process.pid
 
@@ -219,7 +220,7 @@ class LocalCluster:
         (and shows as a zombie) while its threads still hold its sockets."""
         if pid is None:
             return True
-        child = getattr(self, "_children", {}).get(node_id)
+        child = self._children.get(node_id)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if child is not None and child.pid == pid:
@@ -263,7 +264,7 @@ class LocalCluster:
             if set(leaders) >= want:
                 return leaders
             for node_id in self.node_ids:
-                child = getattr(self, "_children", {}).get(node_id)
+                child = self._children.get(node_id)
                 if child is not None and child.poll() is not None:
                     raise ClusterError(
                         f"node {node_id} exited with code {child.returncode}; see "

@@ -49,7 +49,7 @@ from raftkv.errors import (
     Unavailable,
 )
 from raftkv.replication.journal import DurableJournal
-from raftkv.statemachine.apply import apply_entry
+from raftkv.statemachine.apply import ApplyFn, apply_entry
 from raftkv.storage.leveldb import (
     SnapshotReader,
     Store,
@@ -283,8 +283,10 @@ class Replica:
         settings: RaftSettings | None = None,
         sync_fn: Callable[[int], None] = os.fdatasync,
         exit_fn: Callable[[int], None] = os._exit,
+        apply_fn: ApplyFn = apply_entry,
     ) -> None:
         self.shard_id = shard_id
+        self._apply_fn = apply_fn
         self.directory = Path(directory)
         self.self_address = self_address
         self.settings = settings or RaftSettings()
@@ -314,7 +316,7 @@ class Replica:
             self.journal.sync()
             if index <= self.store.applied_index:
                 return None  # replay of an entry already in LevelDB
-            out = apply_entry(self.store.get, index, payload)
+            out = self._apply_fn(self.store, index, payload)
             self.store.write(out.writes)
             if (self.journal.bytes > self.settings.log_compaction_bytes_max
                     and not self._compaction_forced):
@@ -380,6 +382,16 @@ class Replica:
     @property
     def last_applied(self) -> int:
         return int(self._group.raftLastApplied)
+
+    def transfer_leadership(self, address: str | None = None) -> None:
+        """Ask this leader to hand leadership to the replica at ``address`` (Raft
+        TimeoutNow); best effort, refused unless that replica has caught up."""
+        def callback(_result: Any, reason: int) -> None:
+            if reason != FAIL_REASON.SUCCESS:
+                log.info("shard %d: leadership transfer to %s refused (%d)",
+                         self.shard_id, address, reason)
+
+        self._group.transferLeadership(address, callback=callback)
 
     def destroy(self) -> None:
         """Stop the Raft thread and close files."""

@@ -1,7 +1,8 @@
 """Apply one log entry to a replica's state: pure, deterministic, no I/O.
 
-``apply_entry(read, index, payload)`` reads the current state through ``read``
-(key -> value or None) and returns the mutations to write in one batch
+``apply_entry(state, index, payload)`` reads the current state through
+``state.get`` (key -> value or None) and ``state.scan`` and returns the
+mutations to write in one batch
 (including ``!applied = index``) and one result per command. Every replica
 computes the same output from the same state and entry, so replicas stay
 identical. Nothing here raises for bad input: a malformed entry produces an
@@ -14,6 +15,14 @@ Results are plain cbor-able values:
   the whole write changed nothing
 - retried write whose record was forgotten: ``{"err": "OUTCOME_UNKNOWN", "msg": ...}``
 - barrier: ``{"i": index}``
+- a write to a logical shard this group does not serve (no owner record):
+  ``{"i": index, "err": "WRONG_SHARD", "ks": ks, "ls": ls}``; nothing changes
+  and nothing is stored for the retry (it definitely did not happen)
+- own: ``{"i": index}``; drop: ``{"i": index, "deleted": n, "more": bool}``
+
+Ownership is checked here, at apply time, on every replica (DESIGN section
+4): whatever map a client or node routed by, a write lands only in the group
+that owns its logical shard when the write is applied.
 
 A write's ops run in order (a cas sees the puts and deletes before it in the
 same write) into a scratch overlay; the overlay is kept only if every cas
@@ -34,7 +43,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import cbor2
 
@@ -44,7 +53,10 @@ from raftkv.statemachine.commands import (
     DELETE,
     PUT,
     Barrier,
+    Command,
+    DropKeyspace,
     MalformedEntry,
+    Own,
     Write,
     decode_commands,
 )
@@ -52,6 +64,39 @@ from raftkv.statemachine.commands import (
 DEDUP_RESULTS_MAX = 1024
 
 ReadFn = Callable[[bytes], bytes | None]
+
+
+class StateView(Protocol):
+    """Read access to a replica's state (the Store, or a dict in tests)."""
+
+    def get(self, key: bytes) -> bytes | None: ...
+
+    def scan(self, start: bytes, stop: bytes, limit: int) -> list[tuple[bytes, bytes]]:
+        """Up to ``limit`` pairs with ``start <= key < stop``, in key order."""
+        ...
+
+
+class MemoryState:
+    """A StateView over a dict (tests, and pure callers)."""
+
+    def __init__(self, data: dict[bytes, bytes] | None = None) -> None:
+        self.data = data if data is not None else {}
+
+    def get(self, key: bytes) -> bytes | None:
+        return self.data.get(key)
+
+    def scan(self, start: bytes, stop: bytes, limit: int) -> list[tuple[bytes, bytes]]:
+        return sorted((k, v) for k, v in self.data.items() if start <= k < stop)[:limit]
+
+    def commit(self, writes: dict[bytes, bytes | None]) -> None:
+        for key, value in writes.items():
+            if value is None:
+                self.data.pop(key, None)
+            else:
+                self.data[key] = value
+
+
+ApplyFn = Callable[[StateView, int, bytes], "ApplyOutput"]
 
 
 @dataclass
@@ -76,7 +121,7 @@ class _Overlay:
         return self._read(key)
 
 
-def apply_entry(read: ReadFn, index: int, payload: bytes) -> ApplyOutput:
+def apply_entry(view: StateView, index: int, payload: bytes) -> ApplyOutput:
     out = ApplyOutput()
     out.writes[layout.APPLIED_KEY] = layout.encode_index(index)
     try:
@@ -84,12 +129,55 @@ def apply_entry(read: ReadFn, index: int, payload: bytes) -> ApplyOutput:
     except MalformedEntry as exc:
         out.error = f"malformed log entry at index {index}: {exc}"
         return out
-    state = _Overlay(read, out.writes)
-    out.results = [
-        {"i": index} if isinstance(c, Barrier) else _apply_write(state, index, c)
-        for c in commands
-    ]
+    state = _Overlay(view.get, out.writes)
+    out.results = [_apply_command(state, view, index, c) for c in commands]
     return out
+
+
+def _apply_command(state: _Overlay, view: StateView, index: int,
+                   command: Command) -> dict[str, Any]:
+    if isinstance(command, Write):
+        return _apply_write(state, index, command)
+    if isinstance(command, Own):
+        state.writes[layout.keyspace_key(command.keyspace)] = layout.encode_keyspace(
+            command.keyspace_id, command.logical_shards_total)
+        for ls in command.logical_shards:
+            key = layout.owner_key(command.keyspace_id, ls)
+            if state.get(key) is None:
+                state.writes[key] = layout.OWNER_ACTIVE
+        return {"i": index}
+    if isinstance(command, DropKeyspace):
+        return _drop_keyspace(state, view, index, command)
+    assert isinstance(command, Barrier)
+    return {"i": index}
+
+
+def _drop_keyspace(state: _Overlay, view: StateView, index: int,
+                   drop: DropKeyspace) -> dict[str, Any]:
+    """Stop serving the keyspace (no owner records: every later write and read
+    of it is refused) and delete a bounded chunk of its keys. Keys written by
+    earlier commands of this same entry are not seen by the scan; the next
+    chunk deletes them (no write of the keyspace is applied after this one)."""
+    name_key = layout.keyspace_key(drop.keyspace)
+    raw = state.get(name_key)
+    if raw is not None and layout.decode_keyspace(raw)[0] == drop.keyspace_id:
+        state.writes[name_key] = None
+    owners = layout.owner_prefix(drop.keyspace_id)
+    for key, _ in view.scan(owners, layout.prefix_end(owners), 1 << 32):
+        state.writes[key] = None
+    data = layout.data_prefix(drop.keyspace_id)
+    chunk = view.scan(data, layout.prefix_end(data), drop.keys_max + 1)
+    doomed = [key for key, _ in chunk[:drop.keys_max] if state.writes.get(key, b"") is not None]
+    for key in doomed:
+        state.writes[key] = None
+    _count_keys(state, -len(doomed))
+    return {"i": index, "deleted": len(doomed), "more": len(chunk) > drop.keys_max}
+
+
+def _count_keys(state: _Overlay, delta: int) -> None:
+    if delta:
+        count = layout.decode_index(state.get(layout.KEY_COUNT_KEY)) + delta
+        state.writes[layout.KEY_COUNT_KEY] = layout.encode_index(max(0, count))
 
 
 def _apply_write(state: _Overlay, index: int, write: Write) -> dict[str, Any]:
@@ -105,6 +193,10 @@ def _apply_write(state: _Overlay, index: int, write: Write) -> dict[str, Any]:
         previous: dict[str, Any] = cbor2.loads(stored)
         return previous
 
+    for m in write.mutations:
+        if state.get(layout.owner_key(write.keyspace_id, m.logical_shard)) is None:
+            return {"i": index, "err": "WRONG_SHARD", "ks": write.keyspace_id,
+                    "ls": m.logical_shard}
     result = _apply_mutations(state, index, write)
     state.writes[result_key] = cbor2.dumps({k: v for k, v in result.items() if k != "cur"})
     new_floor = max(floor, min(write.ack_seq, write.seq - 1), write.seq - DEDUP_RESULTS_MAX)
@@ -119,14 +211,18 @@ def _apply_write(state: _Overlay, index: int, write: Write) -> dict[str, Any]:
 def _apply_mutations(state: _Overlay, index: int, write: Write) -> dict[str, Any]:
     scratch = _Overlay(state.get, {})
     per_op: list[Any] = []
+    keys_added = 0
     for position, m in enumerate(write.mutations):
         key = layout.data_key(write.keyspace_id, m.logical_shard, m.key)
+        existed = scratch.get(key) is not None
         if m.kind == PUT:
             scratch.writes[key] = m.value
             per_op.append(None)
+            keys_added += not existed
         elif m.kind == DELETE:
-            per_op.append(scratch.get(key) is not None)
+            per_op.append(existed)
             scratch.writes[key] = None
+            keys_added -= existed
         else:
             assert m.kind == CAS
             current = scratch.get(key)
@@ -134,5 +230,7 @@ def _apply_mutations(state: _Overlay, index: int, write: Write) -> dict[str, Any
                 return {"i": index, "err": "PRECONDITION_FAILED", "op": position, "cur": current}
             scratch.writes[key] = m.value
             per_op.append(True)
+            keys_added += not existed
     state.writes.update(scratch.writes)
+    _count_keys(state, keys_added)
     return {"i": index, "r": per_op}

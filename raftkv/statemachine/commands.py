@@ -6,6 +6,10 @@ One log entry carries a batch of commands, encoded with cbor as a list:
   ``[0, ls, key, value]`` (put), ``[1, ls, key]`` (delete) or
   ``[2, ls, key, expected-or-null, value]`` (cas).
 - ``["b"]``: a read barrier; changes nothing, answers the index it was applied at.
+- ``["own", ks, name, L, [ls, ...]]``: from the shard manager: this group serves
+  these logical shards of keyspace ``name`` (id ``ks``, ``L`` logical shards).
+- ``["drop", ks, name, n]``: keyspace ``ks`` was dropped: stop serving it and
+  delete up to ``n`` of its keys (repeated until none is left).
 
 The wire schema is ours; pysyncobj only sees opaque bytes.
 """
@@ -45,7 +49,26 @@ class Barrier:
     pass
 
 
-Command = Write | Barrier
+@dataclass(frozen=True, slots=True)
+class Own:
+    """The shard manager assigns logical shards of a keyspace to this group."""
+
+    keyspace_id: int
+    keyspace: str
+    logical_shards_total: int
+    logical_shards: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class DropKeyspace:
+    """Stop serving a dropped keyspace and delete up to ``keys_max`` of its keys."""
+
+    keyspace_id: int
+    keyspace: str
+    keys_max: int
+
+
+Command = Write | Barrier | Own | DropKeyspace
 
 
 class MalformedEntry(Exception):
@@ -66,6 +89,11 @@ def encode_commands(commands: list[Command]) -> bytes:
         if isinstance(c, Write):
             out.append(["w", c.keyspace_id, c.client_id, c.seq, c.ack_seq,
                         [_encode_mutation(m) for m in c.mutations]])
+        elif isinstance(c, Own):
+            out.append(["own", c.keyspace_id, c.keyspace, c.logical_shards_total,
+                        list(c.logical_shards)])
+        elif isinstance(c, DropKeyspace):
+            out.append(["drop", c.keyspace_id, c.keyspace, c.keys_max])
         else:
             out.append(["b"])
     return cbor2.dumps(out)
@@ -100,6 +128,9 @@ def decode_commands(payload: bytes) -> list[Command]:
         if item == ["b"]:
             commands.append(Barrier())
             continue
+        if isinstance(item, list) and item and item[0] in ("own", "drop"):
+            commands.append(_decode_admin(item))
+            continue
         if not (isinstance(item, list) and len(item) == 6 and item[0] == "w"):
             raise MalformedEntry(f"unknown command {item!r}")
         _, ks, cid, seq, ack, muts = item
@@ -109,3 +140,22 @@ def decode_commands(payload: bytes) -> list[Command]:
             raise MalformedEntry(f"bad write {item!r}")
         commands.append(Write(ks, cid, seq, ack, tuple(_decode_mutation(m) for m in muts)))
     return commands
+
+
+def _u32(value: object) -> bool:
+    return isinstance(value, int) and 0 <= value <= U32_MAX
+
+
+def _decode_admin(item: list[object]) -> Own | DropKeyspace:
+    if item[0] == "own" and len(item) == 5:
+        _, ks, name, total, shards = item
+        if (_u32(ks) and isinstance(name, str) and _u32(total) and isinstance(shards, list)
+                and all(_u32(ls) for ls in shards)):
+            assert isinstance(ks, int) and isinstance(total, int)
+            return Own(ks, name, total, tuple(ls for ls in shards if isinstance(ls, int)))
+    if item[0] == "drop" and len(item) == 4:
+        _, ks, name, keys_max = item
+        if _u32(ks) and isinstance(name, str) and _u32(keys_max):
+            assert isinstance(ks, int) and isinstance(keys_max, int)
+            return DropKeyspace(ks, name, keys_max)
+    raise MalformedEntry(f"bad admin command {item!r}")

@@ -3,7 +3,10 @@
 - ``d`` ks(4) ls(4) key       -> value                 user data, one range per logical shard
 - ``r`` client_id(16)         -> floor(8)              every seq <= floor is forgotten
 - ``r`` client_id(16) seq(8)  -> cbor result           the result of write (client_id, seq)
+- ``o`` ks(4) ls(4)            -> owner record          present: this group owns logical shard ls
+- ``k`` keyspace name (utf-8) -> cbor [ks id, L]       the keyspaces this group serves
 - ``!applied``                -> index(8)              last applied Raft log index
+- ``!keys``                   -> count(8)              user keys stored (all keyspaces)
 
 Data, dedup records and ``!applied`` are written in one WriteBatch, so a
 replay of the journal after a restart skips every index <= ``!applied``.
@@ -13,9 +16,17 @@ from __future__ import annotations
 
 import struct
 
+import cbor2
+
 APPLIED_KEY = b"!applied"
+KEY_COUNT_KEY = b"!keys"
 DATA_PREFIX = b"d"
 DEDUP_PREFIX = b"r"
+OWNER_PREFIX = b"o"
+KEYSPACE_PREFIX = b"k"
+# The owner record of a logical shard this group serves. Issue 5 (moves) adds
+# the other states (incoming, frozen, moved) as other values.
+OWNER_ACTIVE = cbor2.dumps({"state": "ACTIVE"})
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 
@@ -27,6 +38,40 @@ def data_key(keyspace_id: int, logical_shard: int, key: bytes) -> bytes:
 def split_data_key(stored: bytes) -> tuple[int, int, bytes]:
     assert stored[:1] == DATA_PREFIX, stored
     return _U32.unpack_from(stored, 1)[0], _U32.unpack_from(stored, 5)[0], stored[9:]
+
+
+def data_prefix(keyspace_id: int, logical_shard: int | None = None) -> bytes:
+    """Prefix of a keyspace's data, or of one logical shard's."""
+    prefix = DATA_PREFIX + _U32.pack(keyspace_id)
+    return prefix if logical_shard is None else prefix + _U32.pack(logical_shard)
+
+
+def owner_key(keyspace_id: int, logical_shard: int) -> bytes:
+    return OWNER_PREFIX + _U32.pack(keyspace_id) + _U32.pack(logical_shard)
+
+
+def owner_prefix(keyspace_id: int) -> bytes:
+    return OWNER_PREFIX + _U32.pack(keyspace_id)
+
+
+def keyspace_key(name: str) -> bytes:
+    return KEYSPACE_PREFIX + name.encode()
+
+
+def encode_keyspace(keyspace_id: int, logical_shards: int) -> bytes:
+    return cbor2.dumps([keyspace_id, logical_shards])
+
+
+def decode_keyspace(raw: bytes) -> tuple[int, int]:
+    keyspace_id, logical_shards = cbor2.loads(raw)
+    return int(keyspace_id), int(logical_shards)
+
+
+def prefix_end(prefix: bytes) -> bytes:
+    """The smallest key greater than every key starting with ``prefix``."""
+    stripped = prefix.rstrip(b"\xff")
+    assert stripped, "a prefix of only 0xff bytes has no end"
+    return stripped[:-1] + bytes([stripped[-1] + 1])
 
 
 def dedup_key(client_id: bytes) -> bytes:

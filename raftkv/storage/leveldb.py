@@ -100,6 +100,18 @@ class Store:
             value: bytes | None = self._db.get(key)
             return value
 
+    def scan(self, start: bytes, stop: bytes, limit: int) -> list[tuple[bytes, bytes]]:
+        """Up to ``limit`` pairs with ``start <= key < stop``, in key order."""
+        with self._lock:
+            out: list[tuple[bytes, bytes]] = []
+            if limit <= 0:
+                return out
+            for pair in self._db.iterator(start=start, stop=stop):
+                out.append(pair)
+                if len(out) >= limit:
+                    break
+            return out
+
     def write(self, writes: dict[bytes, bytes | None]) -> None:
         """Write one atomic batch (value None deletes); it must carry ``!applied``."""
         with self._lock:

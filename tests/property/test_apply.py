@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import cbor2
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -34,14 +35,17 @@ from hypothesis.stateful import (
 
 from raftkv.sharding import logical_shard
 from raftkv.statemachine import layout
-from raftkv.statemachine.apply import DEDUP_RESULTS_MAX, ApplyOutput, apply_entry
+from raftkv.statemachine.apply import DEDUP_RESULTS_MAX, ApplyOutput, MemoryState, apply_entry
 from raftkv.statemachine.commands import (
     CAS,
     DELETE,
     PUT,
     Barrier,
     Command,
+    DropKeyspace,
+    MalformedEntry,
     Mutation,
+    Own,
     Write,
     decode_commands,
     encode_commands,
@@ -51,6 +55,12 @@ KEYSPACE_IDS = [0, 5]
 USER_KEYS = [b"a", b"b", b"{t}x", b"{t}y", b"zz"]
 VALUES = [b"", b"1", b"2", b"a longer value \x00\xff"]
 CLIENTS = [bytes([i]) * 16 for i in (1, 2, 3)]
+
+
+def owning_every_logical_shard() -> dict[bytes, bytes]:
+    """A group's state after the shard manager gave it every logical shard."""
+    return {layout.owner_key(ks, ls): layout.OWNER_ACTIVE
+            for ks in KEYSPACE_IDS for ls in range(256)}
 
 
 def ls_of(key: bytes) -> int:
@@ -133,7 +143,7 @@ OUTCOME_UNKNOWN = "OUTCOME_UNKNOWN"  # sentinel in expected results
 class ApplyMachine(RuleBasedStateMachine):
     @initialize()
     def setup(self) -> None:
-        self.store: dict[bytes, bytes] = {}
+        self.store: dict[bytes, bytes] = owning_every_logical_shard()
         self.model: dict[tuple[int, bytes], bytes] = {}
         self.index = 0
         self.clients = {cid: Client(cid) for cid in CLIENTS}
@@ -226,7 +236,7 @@ class ApplyMachine(RuleBasedStateMachine):
         dedup_clients: set[bytes],
     ) -> None:
         payload = encode_commands(commands)
-        out = apply_entry(self.store.get, index, payload)
+        out = apply_entry(MemoryState(self.store), index, payload)
         assert out.error is None
         assert out.results is not None
         assert len(out.results) == len(expected)
@@ -241,7 +251,8 @@ class ApplyMachine(RuleBasedStateMachine):
         written_dedup = {k for k in out.writes if k.startswith(layout.DEDUP_PREFIX)}
         # only clients with a fresh write in this entry get their dedup state written
         assert {k[1:17] for k in written_dedup} == dedup_clients
-        assert set(out.writes) == {layout.APPLIED_KEY} | written_data | written_dedup
+        assert set(out.writes) - {layout.KEY_COUNT_KEY} == (
+            {layout.APPLIED_KEY} | written_data | written_dedup)
         commit(self.store, out)
         self.entries.append((index, payload))
 
@@ -306,7 +317,7 @@ class ApplyMachine(RuleBasedStateMachine):
         index, payload = data.draw(
             st.sampled_from(self.entries) | st.just(self.entries[-1]), label="entry"
         )
-        out = apply_entry(self.store.get, index, payload)
+        out = apply_entry(MemoryState(self.store), index, payload)
         assert out.error is None
         assert out.writes == {layout.APPLIED_KEY: layout.encode_index(index)}
         assert out.results is not None
@@ -335,7 +346,7 @@ class ApplyMachine(RuleBasedStateMachine):
         elif prefix == "write":
             good = [["w", 0, cid, seq, 0, [[PUT, ls_of(b"a"), b"a", b"nope"]]]]
         payload = _malformed(bad, good)
-        out = apply_entry(self.store.get, self.index, payload)
+        out = apply_entry(MemoryState(self.store), self.index, payload)
         assert isinstance(out.error, str) and out.error
         assert str(self.index) in out.error
         assert out.results is None
@@ -433,7 +444,7 @@ def _cas(key: bytes, expected: bytes | None, value: bytes) -> Mutation:
 
 
 def _run(store: dict[bytes, bytes], index: int, *commands: Command) -> ApplyOutput:
-    out = apply_entry(store.get, index, encode_commands(list(commands)))
+    out = apply_entry(MemoryState(store), index, encode_commands(list(commands)))
     commit(store, out)
     return out
 
@@ -442,7 +453,7 @@ CID = b"\x42" * 16
 
 
 def test_failing_cas_in_the_middle_of_a_batch_changes_nothing() -> None:
-    store: dict[bytes, bytes] = {}
+    store = owning_every_logical_shard()
     _run(store, 1, Write(0, CID, 1, 0, (_put(b"a", b"1"), _put(b"b", b"2"))))
     before = user_data(store)
     out = _run(store, 2, Write(0, CID, 2, 1, (
@@ -454,7 +465,7 @@ def test_failing_cas_in_the_middle_of_a_batch_changes_nothing() -> None:
 
 
 def test_cas_sees_the_earlier_ops_of_its_own_batch() -> None:
-    store: dict[bytes, bytes] = {}
+    store = owning_every_logical_shard()
     _run(store, 1, Write(0, CID, 1, 0, (_put(b"k", b"old"),)))
     out = _run(store, 2, Write(0, CID, 2, 1, (_delete(b"k"), _cas(b"k", None, b"new"))))
     assert out.results == [{"i": 2, "r": [True, True]}]
@@ -464,7 +475,7 @@ def test_cas_sees_the_earlier_ops_of_its_own_batch() -> None:
 
 
 def test_cas_on_absent_key_reports_cur_none() -> None:
-    store: dict[bytes, bytes] = {}
+    store = owning_every_logical_shard()
     out = _run(store, 1, Write(0, CID, 1, 0, (_cas(b"a", b"x", b"y"),)))
     assert out.results == [{"i": 1, "err": "PRECONDITION_FAILED", "op": 0, "cur": None}]
     out = _run(store, 2, Write(0, CID, 2, 0, (_cas(b"a", None, b"y"),)))
@@ -473,7 +484,7 @@ def test_cas_on_absent_key_reports_cur_none() -> None:
 
 
 def test_delete_reports_whether_the_key_existed() -> None:
-    store: dict[bytes, bytes] = {}
+    store = owning_every_logical_shard()
     out = _run(store, 1, Write(0, CID, 1, 0, (
         _delete(b"a"), _put(b"a", b""), _delete(b"a"), _delete(b"a"),
     )))
@@ -483,7 +494,7 @@ def test_delete_reports_whether_the_key_existed() -> None:
 
 
 def test_keyspaces_are_separate() -> None:
-    store: dict[bytes, bytes] = {}
+    store = owning_every_logical_shard()
     _run(store, 1, Write(0, CID, 1, 0, (_put(b"a", b"zero"),)))
     out = _run(store, 2, Write(5, CID, 2, 0, (_cas(b"a", None, b"five"), _delete(b"b"))))
     assert out.results == [{"i": 2, "r": [True, False]}]
@@ -491,7 +502,7 @@ def test_keyspaces_are_separate() -> None:
 
 
 def test_retry_returns_the_first_result_and_changes_nothing() -> None:
-    store: dict[bytes, bytes] = {}
+    store = owning_every_logical_shard()
     first = Write(0, CID, 1, 0, (_put(b"a", b"1"), _delete(b"b")))
     out1 = _run(store, 1, first)
     _run(store, 2, Write(0, CID, 2, 0, (_put(b"a", b"2"),)))
@@ -502,7 +513,7 @@ def test_retry_returns_the_first_result_and_changes_nothing() -> None:
 
 
 def test_ack_forgets_results() -> None:
-    store: dict[bytes, bytes] = {}
+    store = owning_every_logical_shard()
     writes = [Write(0, CID, seq, 0, (_put(b"a", str(seq).encode()),)) for seq in (1, 2, 3)]
     for index, write in enumerate(writes, start=1):
         _run(store, index, write)
@@ -516,7 +527,7 @@ def test_ack_forgets_results() -> None:
 
 
 def test_same_write_twice_in_one_entry_applies_once() -> None:
-    store: dict[bytes, bytes] = {}
+    store = owning_every_logical_shard()
     write = Write(0, CID, 1, 0, (_delete(b"a"), _put(b"a", b"x")))
     _run(store, 1, Write(0, b"\x01" * 16, 1, 0, (_put(b"a", b"old"),)))
     out = _run(store, 2, write, write)
@@ -524,10 +535,10 @@ def test_same_write_twice_in_one_entry_applies_once() -> None:
 
 
 def test_malformed_entry_writes_only_the_applied_index() -> None:
-    store: dict[bytes, bytes] = {}
+    store = owning_every_logical_shard()
     _run(store, 1, Write(0, CID, 1, 0, (_put(b"a", b"1"),)))
     snapshot = dict(store)
-    out = apply_entry(store.get, 2, b"\x82\x81\x61b")  # truncated cbor
+    out = apply_entry(MemoryState(store), 2, b"\x82\x81\x61b")  # truncated cbor
     assert out.error is not None and "2" in out.error
     assert out.results is None
     assert out.writes == {layout.APPLIED_KEY: layout.encode_index(2)}
@@ -537,7 +548,7 @@ def test_malformed_entry_writes_only_the_applied_index() -> None:
 
 
 def test_barrier_answers_its_index() -> None:
-    store: dict[bytes, bytes] = {}
+    store = owning_every_logical_shard()
     out = _run(store, 77, Barrier(), Barrier())
     assert out.results == [{"i": 77}, {"i": 77}]
     assert out.writes == {layout.APPLIED_KEY: layout.encode_index(77)}
@@ -546,7 +557,7 @@ def test_barrier_answers_its_index() -> None:
 def test_dedup_window_is_bounded() -> None:
     """A client that never acks keeps at most DEDUP_RESULTS_MAX results; the
     oldest are forgotten and a retry of one gets OUTCOME_UNKNOWN."""
-    store: dict[bytes, bytes] = {}
+    store = owning_every_logical_shard()
     total = DEDUP_RESULTS_MAX + 10
     writes = [Write(0, CID, seq, 0, (_put(b"k%d" % (seq % 7), b"%d" % seq),))
               for seq in range(1, total + 1)]
@@ -581,3 +592,86 @@ def test_dedup_window_is_bounded() -> None:
     assert out.results[2] == firsts[11]
     assert out.results[3] == firsts[total]
     assert user_data(store) == data
+
+
+# -- ownership (DESIGN section 4) ------------------------------------------------
+
+def test_a_write_to_a_logical_shard_the_group_does_not_own_changes_nothing() -> None:
+    store: dict[bytes, bytes] = {}
+    out = _run(store, 1, Write(0, CID, 1, 0, (_put(b"a", b"1"),)))
+    assert out.results == [{"i": 1, "err": "WRONG_SHARD", "ks": 0, "ls": ls_of(b"a")}]
+    assert out.writes == {layout.APPLIED_KEY: layout.encode_index(1)}
+    # nothing was stored for a retry: once the group owns the shard, it applies
+    out = _run(store, 2, Own(0, "default", 256, (ls_of(b"a"),)),
+               Write(0, CID, 1, 0, (_put(b"a", b"1"),)))
+    assert out.results == [{"i": 2}, {"i": 2, "r": [None]}]
+    assert user_data(store) == {(0, b"a"): b"1"}
+    assert store[layout.keyspace_key("default")] == layout.encode_keyspace(0, 256)
+
+
+def test_a_write_touching_one_unowned_shard_is_refused_whole() -> None:
+    store: dict[bytes, bytes] = {}
+    _run(store, 1, Own(0, "default", 256, (ls_of(b"a"),)))
+    assert ls_of(b"a") != ls_of(b"b")
+    out = _run(store, 2, Write(0, CID, 1, 0, (_put(b"a", b"1"), _put(b"b", b"2"))))
+    assert out.results is not None and out.results[0]["err"] == "WRONG_SHARD"
+    assert user_data(store) == {}
+
+
+def test_own_is_idempotent_and_keeps_existing_records() -> None:
+    store: dict[bytes, bytes] = {}
+    _run(store, 1, Own(3, "ks", 16, (1, 2)))
+    before = dict(store)
+    out = _run(store, 2, Own(3, "ks", 16, (1, 2)))
+    assert set(out.writes) == {layout.APPLIED_KEY, layout.keyspace_key("ks")}
+    del store[layout.APPLIED_KEY], before[layout.APPLIED_KEY]
+    assert store == before
+
+
+def test_key_count_follows_puts_deletes_and_cas() -> None:
+    store = owning_every_logical_shard()
+
+    def count() -> int:
+        return layout.decode_index(store.get(layout.KEY_COUNT_KEY))
+
+    _run(store, 1, Write(0, CID, 1, 0, (_put(b"a", b"1"), _put(b"b", b"1"), _put(b"a", b"2"))))
+    assert count() == 2
+    _run(store, 2, Write(0, CID, 2, 1, (_cas(b"c", None, b"1"), _cas(b"a", b"2", b"3"))))
+    assert count() == 3
+    _run(store, 3, Write(0, CID, 3, 2, (_delete(b"a"), _delete(b"zz"))))
+    assert count() == 2
+    _run(store, 4, Write(0, CID, 4, 3, (_cas(b"b", b"wrong", b"x"), _delete(b"b"))))
+    assert count() == 2  # the failed cas undid the delete
+
+
+def test_drop_stops_serving_and_deletes_in_chunks() -> None:
+    store: dict[bytes, bytes] = {}
+    keys = [b"k%d" % i for i in range(25)]
+    _run(store, 1, Own(7, "gone", 256, tuple(range(256))), Own(8, "kept", 256, (ls_of(b"x"),)))
+    _run(store, 2, Write(7, CID, 1, 0, tuple(_put(k, b"v") for k in keys)),
+         Write(8, CID, 2, 1, (_put(b"x", b"v"),)))
+    results = []
+    index = 3
+    while True:
+        out = _run(store, index, DropKeyspace(7, "gone", 10))
+        assert out.results is not None
+        results.append(out.results[0])
+        index += 1
+        if not out.results[0]["more"]:
+            break
+    assert [r["deleted"] for r in results] == [10, 10, 5]
+    assert user_data(store) == {(8, b"x"): b"v"}
+    assert layout.decode_index(store[layout.KEY_COUNT_KEY]) == 1
+    assert layout.keyspace_key("gone") not in store
+    assert not any(k.startswith(layout.owner_prefix(7)) for k in store)
+    out = _run(store, index, Write(7, CID, 3, 2, (_put(b"k1", b"v"),)))
+    assert out.results is not None and out.results[0]["err"] == "WRONG_SHARD"
+
+
+def test_admin_commands_round_trip_and_reject_garbage() -> None:
+    commands: list[Command] = [Own(1, "a", 64, (0, 63)), DropKeyspace(1, "a", 500)]
+    assert decode_commands(encode_commands(commands)) == commands
+    for bad in (["own", 1, "a", 64], ["own", -1, "a", 64, []], ["own", 1, 2, 64, []],
+                ["drop", 1, "a", "x"], ["own", 1, "a", 64, ["x"]]):
+        with pytest.raises(MalformedEntry):
+            decode_commands(cbor2.dumps([bad]))

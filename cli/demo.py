@@ -33,6 +33,28 @@ def _fresh_directory(directory: Path) -> None:
     (directory / MARKER).write_text("created by raftkv demo; deleted by the next demo\n")
 
 
+NODES_PER_DC = 2
+PHYSICAL_SHARDS = 8
+
+
+async def _kill_busiest_dc(cluster: LocalCluster, acked: dict[str, bytes], after_acks: int,
+                           killed: list[str]) -> None:
+    """kill -9 every node of the data center whose nodes lead the most shards."""
+    while len(acked) < after_acks:
+        await trio.sleep(0.01)
+    leaders = await trio.to_thread.run_sync(cluster.leaders)
+    dc_of = {n.id: n.dc for n in cluster.config.nodes}
+    led = [dc_of[n] for n in leaders.values()]
+    dc = max(sorted(set(led)), key=led.count)
+    victims = [n.id for n in cluster.config.nodes if n.dc == dc]
+    click.echo(f"  kill -9 every node of {dc} ({', '.join(victims)}, leading "
+               f"{led.count(dc)} of {len(leaders)} physical shards) after {len(acked)} "
+               "acknowledged writes")
+    for node_id in victims:
+        await trio.to_thread.run_sync(cluster.kill_node, node_id)
+        killed.append(node_id)
+
+
 async def _workload(cluster: LocalCluster, keys: int, clients: int) -> bool:
     acked: dict[str, bytes] = {}
     increments = 0
@@ -63,20 +85,10 @@ async def _workload(cluster: LocalCluster, keys: int, clients: int) -> bool:
                     except PreconditionFailed:
                         continue
 
-    async def nemesis() -> None:
-        while len(acked) < keys // 3:
-            await trio.sleep(0.01)
-        leader = (await trio.to_thread.run_sync(cluster.leaders)).get(0)
-        if leader is None:
-            return
-        click.echo(f"  kill -9 the leader {leader} after {len(acked)} acknowledged writes")
-        await trio.to_thread.run_sync(cluster.kill_node, leader)
-        killed.append(leader)
-
     started = time.perf_counter()
     async with open_client(cluster.client_addresses()) as client:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(nemesis)
+            nursery.start_soon(_kill_busiest_dc, cluster, acked, keys // 3, killed)
             for w in range(clients):
                 nursery.start_soon(writer, client, w)
         elapsed = time.perf_counter() - started
@@ -102,14 +114,16 @@ async def _workload(cluster: LocalCluster, keys: int, clients: int) -> bool:
 def run_demo(directory: Path | None, keys: int, clients: int, keep: bool) -> int:
     directory = Path(directory or Path.home() / ".raftkv" / "demo")
     _fresh_directory(directory)
-    click.echo(f"1. starting a 3-node cluster in 3 data centers at {directory}")
-    cluster = LocalCluster.create(directory)
+    click.echo(f"1. starting 3 data centers x {NODES_PER_DC} nodes, a 3-replica shard manager "
+               f"and {PHYSICAL_SHARDS} physical shards at {directory}")
+    cluster = LocalCluster.create(directory, dcs=3, nodes_per_dc=NODES_PER_DC,
+                                  physical_shards=PHYSICAL_SHARDS)
     try:
         started = time.perf_counter()
-        leaders = cluster.start()
-        del leaders
-        click.echo(f"   leader elected in {time.perf_counter() - started:.1f} s: "
-                   f"{cluster.leaders()}")
+        cluster.start()
+        leaders = cluster.leaders()
+        click.echo(f"   every shard has a leader after {time.perf_counter() - started:.1f} s: "
+                   + ", ".join(f"{s}:{n}" for s, n in sorted(leaders.items())))
         click.echo(f"2. workload: {keys} keys from {clients} clients")
         ok = trio.run(_workload, cluster, keys, clients)
         cluster.wait_ready()

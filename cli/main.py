@@ -7,38 +7,25 @@ Exit codes: 0 ok; 1 key not found or precondition failed; 2 usage error;
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 
-from raftkv.errors import PreconditionFailed, RaftKVError
-from raftkv.localcluster import DEFAULT_DIR, ClusterError, LocalCluster
-
-EXIT_OK, EXIT_NOT_FOUND, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
-
-
-def fail(message: str, code: int) -> NoReturn:
-    click.echo(f"raftkv: {message}", err=True)
-    sys.exit(code)
-
-
-def cluster_dir_option(f: Any) -> Any:
-    return click.option(
-        "--cluster", "--dir", "cluster_dir", type=click.Path(file_okay=False, path_type=Path),
-        default=lambda: os.environ.get("RAFTKV_CLUSTER", str(DEFAULT_DIR)),
-        show_default="$RAFTKV_CLUSTER or ~/.raftkv/local",
-        help="Cluster directory.",
-    )(f)
-
-
-def open_cluster(cluster_dir: Path) -> LocalCluster:
-    try:
-        return LocalCluster(cluster_dir)
-    except Exception as exc:  # ConfigError and file errors: one line, exit 3
-        fail(str(exc), EXIT_UNAVAILABLE)
+from raftkv.localcluster import ClusterError, LocalCluster
+from raftkv_cli.admin import register as register_admin
+from raftkv_cli.common import (
+    EXIT_NOT_FOUND,
+    EXIT_UNAVAILABLE,
+    cluster_dir_option,
+    decode_value,
+    fail,
+    keyspace_option,
+    open_cluster,
+    value_options,
+    with_client,
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -48,21 +35,46 @@ def cli() -> None:
 
 @cli.command()
 @cluster_dir_option
-@click.option("--nodes", type=click.IntRange(1, 9), default=3, show_default=True)
-@click.option("--timeout-s", type=float, default=30.0, show_default=True)
-def up(cluster_dir: Path, nodes: int, timeout_s: float) -> None:
+@click.option("--dcs", type=click.IntRange(1, 9), default=3, show_default=True,
+              help="Simulated data centers.")
+@click.option("--nodes-per-dc", type=click.IntRange(1, 16), default=1, show_default=True)
+@click.option("--physical-shards", type=click.IntRange(1, 4096), default=1, show_default=True,
+              help="Raft groups of keyspace 'default'.")
+@click.option("--logical-shards", type=click.IntRange(1, 65536), default=256,
+              show_default=True, help="Logical shards of keyspace 'default' (power of two).")
+@click.option("--replication-factor", type=click.IntRange(1, 9), default=3, show_default=True)
+@click.option("--inter-dc-latency-ms", type=click.FloatRange(0, 10_000), default=0.0,
+              show_default=True, help="One-way latency added between data centers.")
+@click.option("--hosts", default="127.0.0.1", show_default=True,
+              help="Comma-separated local addresses to spread processes over.")
+@click.option("--timeout-s", type=float, default=60.0, show_default=True)
+def up(cluster_dir: Path, dcs: int, nodes_per_dc: int, physical_shards: int,
+       logical_shards: int, replication_factor: int, inter_dc_latency_ms: float, hosts: str,
+       timeout_s: float) -> None:
     """Start a local cluster in the background (restart it if DIR has one).
 
-    Returns once every physical shard has a leader.
+    Creates DIR with 3 shard manager replicas and DCS x NODES-PER-DC nodes on
+    first use; the layout options apply only then. Returns once keyspace
+    'default' exists and every physical shard has a leader.
     """
+    if logical_shards & (logical_shards - 1):
+        raise click.BadParameter("must be a power of two", param_hint="--logical-shards")
+    if physical_shards > logical_shards:
+        raise click.BadParameter("must not exceed --logical-shards",
+                                 param_hint="--physical-shards")
     try:
-        cluster = LocalCluster.open_or_create(cluster_dir, nodes=nodes)
+        cluster = LocalCluster.open_or_create(
+            cluster_dir, dcs=dcs, nodes_per_dc=nodes_per_dc, physical_shards=physical_shards,
+            logical_shards=logical_shards, replication_factor=replication_factor,
+            inter_dc_latency_ms=inter_dc_latency_ms,
+            hosts=[h.strip() for h in hosts.split(",") if h.strip()])
         cluster.start(timeout_s)
     except ClusterError as exc:
         fail(str(exc), EXIT_UNAVAILABLE)
     leaders = cluster.leaders()
-    click.echo(f"cluster up at {cluster.directory}: {len(cluster.node_ids)} nodes, "
-               f"leaders {', '.join(f'shard {s}: {n}' for s, n in sorted(leaders.items()))}")
+    dc_count = len({n.dc for n in cluster.config.nodes})
+    click.echo(f"cluster up at {cluster.directory}: {len(cluster.node_ids)} nodes in "
+               f"{dc_count} data centers, {len(leaders)} physical shards with leaders")
 
 
 @cli.command()
@@ -93,6 +105,24 @@ def node(cluster_dir: Path, node_id: str, data_dir: Path | None, log_level: str)
 
 
 @cli.command()
+@click.option("--cluster", "cluster_dir", required=True,
+              type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--id", "manager_id", required=True, help="Shard manager id from cluster.json.")
+@click.option("--data", "data_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=None, help="Data directory (default: CLUSTER/ID).")
+@click.option("--log-level", default="WARNING", show_default=True)
+def shardmgr(cluster_dir: Path, manager_id: str, data_dir: Path | None, log_level: str) -> None:
+    """Run one shard manager replica in the foreground (``up`` starts these)."""
+    import logging
+
+    from shardmgr.service import run_manager
+
+    logging.basicConfig(level=log_level.upper(),
+                        format=f"%(asctime)s {manager_id} %(levelname)s %(name)s: %(message)s")
+    run_manager(cluster_dir, manager_id, data_dir)
+
+
+@cli.command()
 @cluster_dir_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (stable).")
 def status(cluster_dir: Path, as_json: bool) -> None:
@@ -109,56 +139,20 @@ def status(cluster_dir: Path, as_json: bool) -> None:
         sys.exit(EXIT_UNAVAILABLE)
 
 
-# -- data commands -----------------------------------------------------------------
-
-def value_options(f: Any) -> Any:
-    f = click.option("--hex", "as_hex", is_flag=True, help="Values are hex-encoded bytes.")(f)
-    return f
-
-
-def decode_value(value: str, as_hex: bool) -> bytes:
-    if as_hex:
-        try:
-            return bytes.fromhex(value)
-        except ValueError:
-            raise click.BadParameter(f"not hex: {value!r}") from None
-    return value.encode()
-
-
-def with_client(cluster_dir: Path, action: Any) -> Any:
-    from raftkv.client import Client
-
-    cluster = open_cluster(cluster_dir)
-    try:
-        with Client(cluster.client_addresses(), retry_budget_s=10.0) as kv:
-            return action(kv)
-    except PreconditionFailed as exc:
-        current = exc.details.get("current")
-        if not exc.details.get("current_known", True):
-            fail("precondition failed (on a retry: the current value is not known)",
-                 EXIT_NOT_FOUND)
-        shown = "absent" if current is None else repr(bytes(current))[1:]
-        fail(f"precondition failed: the key holds {shown}", EXIT_NOT_FOUND)
-    except RaftKVError as exc:
-        definite = "did not happen" if exc.definite else "may or may not have happened"
-        code = EXIT_UNAVAILABLE if exc.code in (
-            "CLUSTER_UNAVAILABLE", "TIMEOUT", "CONNECTION_LOST", "OUTCOME_UNKNOWN",
-            "UNAVAILABLE") else EXIT_NOT_FOUND
-        fail(f"{exc.code}: {exc.message} (the operation {definite})", code)
-
-
 @cli.command()
 @cluster_dir_option
 @click.argument("key")
 @click.argument("value", required=False)
 @click.option("--file", "value_file", type=click.File("rb"), help="Read the value from a file.")
 @value_options
-def put(cluster_dir: Path, key: str, value: str | None, value_file: Any, as_hex: bool) -> None:
+@keyspace_option
+def put(cluster_dir: Path, key: str, value: str | None, value_file: Any, as_hex: bool,
+        keyspace: str) -> None:
     """Set KEY to VALUE."""
     if (value is None) == (value_file is None):
         raise click.UsageError("give exactly one of VALUE or --file")
     data = value_file.read() if value_file is not None else decode_value(value or "", as_hex)
-    result = with_client(cluster_dir, lambda kv: kv.put(key, data))
+    result = with_client(cluster_dir, lambda kv: kv.put(key, data), keyspace)
     click.echo(f"OK index={result.index}")
 
 
@@ -167,10 +161,12 @@ def put(cluster_dir: Path, key: str, value: str | None, value_file: Any, as_hex:
 @click.argument("key")
 @value_options
 @click.option("--eventual", is_flag=True, help="Read any replica (may be stale).")
-def get(cluster_dir: Path, key: str, as_hex: bool, eventual: bool) -> None:
+@keyspace_option
+def get(cluster_dir: Path, key: str, as_hex: bool, eventual: bool, keyspace: str) -> None:
     """Print the value of KEY (exit 1 if absent)."""
     value = with_client(
-        cluster_dir, lambda kv: kv.get(key, consistency="eventual" if eventual else "strong"))
+        cluster_dir, lambda kv: kv.get(key, consistency="eventual" if eventual else "strong"),
+        keyspace)
     if value is None:
         fail(f"key {key!r} not found", EXIT_NOT_FOUND)
     if as_hex:
@@ -182,9 +178,10 @@ def get(cluster_dir: Path, key: str, as_hex: bool, eventual: bool) -> None:
 @cli.command()
 @cluster_dir_option
 @click.argument("key")
-def delete(cluster_dir: Path, key: str) -> None:
+@keyspace_option
+def delete(cluster_dir: Path, key: str, keyspace: str) -> None:
     """Delete KEY (exit 1 if it did not exist)."""
-    existed = with_client(cluster_dir, lambda kv: kv.delete(key))
+    existed = with_client(cluster_dir, lambda kv: kv.delete(key), keyspace)
     if not existed:
         fail(f"key {key!r} not found", EXIT_NOT_FOUND)
     click.echo("OK")
@@ -199,8 +196,9 @@ def delete(cluster_dir: Path, key: str) -> None:
 @click.option("--value", "new_value", help="New value.")
 @click.option("--value-file", type=click.File("rb"), help="Read the new value from a file.")
 @value_options
+@keyspace_option
 def cas(cluster_dir: Path, key: str, expect: str | None, expect_file: Any, expect_absent: bool,
-        new_value: str | None, value_file: Any, as_hex: bool) -> None:
+        new_value: str | None, value_file: Any, as_hex: bool, keyspace: str) -> None:
     """Set KEY to the new value only if it holds the expected one (or is absent)."""
     if sum((expect is not None, expect_file is not None, expect_absent)) != 1:
         raise click.UsageError("give exactly one of --expect, --expect-file or --expect-absent")
@@ -209,7 +207,7 @@ def cas(cluster_dir: Path, key: str, expect: str | None, expect_file: Any, expec
     expected = (None if expect_absent else expect_file.read() if expect_file is not None
                 else decode_value(expect or "", as_hex))
     data = value_file.read() if value_file is not None else decode_value(new_value or "", as_hex)
-    result = with_client(cluster_dir, lambda kv: kv.cas(key, expected, data))
+    result = with_client(cluster_dir, lambda kv: kv.cas(key, expected, data), keyspace)
     click.echo(f"OK index={result.index}")
 
 
@@ -245,6 +243,9 @@ def bench(cluster_dir: Path, client_counts: str, duration_s: float, value_bytes:
     except ValueError:
         raise click.BadParameter(f"not a list of integers: {client_counts!r}") from None
     sys.exit(run_bench(cluster_dir, counts, duration_s, value_bytes, json_path))
+
+
+register_admin(cli)
 
 
 def main() -> None:

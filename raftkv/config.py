@@ -1,4 +1,4 @@
-"""Cluster configuration: nodes, data centers, physical shards, keyspaces.
+"""Cluster configuration: the shard manager's replicas and the storage nodes.
 
 Stored as ``cluster.json`` (documented in the README); the cluster secret that
 keys Raft encryption lives beside it in ``secret`` (mode 0600) and never in
@@ -26,10 +26,17 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class NodeConfig:
+    """A storage node: serves clients on ``client_port`` and lends the Raft ports
+    ``raft_port_min..raft_port_max`` of ``host`` to the replicas the shard
+    manager places on it."""
+
     id: str
     dc: str
     host: str
     client_port: int
+    raft_port_min: int
+    raft_port_max: int
+    capacity: int = 1
 
     @property
     def client_address(self) -> str:
@@ -37,30 +44,41 @@ class NodeConfig:
 
 
 @dataclass(frozen=True)
-class ReplicaConfig:
-    node: str
+class ManagerConfig:
+    """One replica of the shard manager's own Raft group."""
+
+    id: str
+    dc: str
+    host: str
+    client_port: int
     raft_port: int
 
+    @property
+    def client_address(self) -> str:
+        return f"{self.host}:{self.client_port}"
+
+    @property
+    def raft_address(self) -> str:
+        return f"{self.host}:{self.raft_port}"
+
 
 @dataclass(frozen=True)
-class ShardConfig:
-    id: int
-    replicas: tuple[ReplicaConfig, ...]
+class KeyspaceDefaults:
+    """What ``raftkv up`` creates as keyspace ``default``, and the defaults of
+    ``raftkv keyspace create``."""
 
-
-@dataclass(frozen=True)
-class KeyspaceConfig:
-    name: str
-    id: int
     logical_shards: int = 256
+    physical_shards: int = 1
+    replication_factor: int = 3
 
 
 @dataclass(frozen=True)
 class ClusterConfig:
+    managers: tuple[ManagerConfig, ...]
     nodes: tuple[NodeConfig, ...]
-    shards: tuple[ShardConfig, ...]
-    keyspaces: tuple[KeyspaceConfig, ...] = (KeyspaceConfig("default", 0),)
     raft: RaftSettings = field(default_factory=RaftSettings)
+    keyspace_defaults: KeyspaceDefaults = field(default_factory=KeyspaceDefaults)
+    inter_dc_latency_ms: float = 0.0
 
     def node(self, node_id: str) -> NodeConfig:
         for node in self.nodes:
@@ -68,54 +86,75 @@ class ClusterConfig:
                 return node
         raise ConfigError(f"no node {node_id!r} in the cluster config")
 
-    def keyspace(self, name: str) -> KeyspaceConfig | None:
-        for ks in self.keyspaces:
-            if ks.name == name:
-                return ks
+    def manager(self, manager_id: str) -> ManagerConfig:
+        for manager in self.managers:
+            if manager.id == manager_id:
+                return manager
+        raise ConfigError(f"no shard manager {manager_id!r} in the cluster config")
+
+    @property
+    def manager_addresses(self) -> list[str]:
+        return [m.client_address for m in self.managers]
+
+    def process_of_raft_address(self, address: str) -> tuple[str, str] | None:
+        """(process id, data center) of whoever owns a Raft address, if known."""
+        host, _, port_text = address.rpartition(":")
+        try:
+            port = int(port_text)
+        except ValueError:
+            return None
+        for m in self.managers:
+            if m.host == host and m.raft_port == port:
+                return m.id, m.dc
+        for n in self.nodes:
+            if n.host == host and n.raft_port_min <= port <= n.raft_port_max:
+                return n.id, n.dc
         return None
 
-    def raft_address(self, shard: ShardConfig, replica: ReplicaConfig) -> str:
-        return f"{self.node(replica.node).host}:{replica.raft_port}"
+    def dc_of(self, process_id: str) -> str:
+        dcs = {m.id: m.dc for m in self.managers} | {n.id: n.dc for n in self.nodes}
+        if process_id not in dcs:
+            raise ConfigError(f"no node or shard manager {process_id!r} in the cluster config")
+        return dcs[process_id]
 
-    def client_address_by_raft_address(self) -> dict[str, str]:
-        """Raft address of every replica -> client address of its node."""
-        return {
-            self.raft_address(shard, r): self.node(r.node).client_address
-            for shard in self.shards
-            for r in shard.replicas
-        }
+    @property
+    def process_ids(self) -> list[str]:
+        return [m.id for m in self.managers] + [n.id for n in self.nodes]
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "version": 1,
+            "version": 2,
+            "managers": [asdict(m) for m in self.managers],
             "nodes": [asdict(n) for n in self.nodes],
-            "shards": [
-                {"id": s.id, "replicas": [asdict(r) for r in s.replicas]} for s in self.shards
-            ],
-            "keyspaces": [asdict(k) for k in self.keyspaces],
             "raft": asdict(self.raft),
+            "keyspace_defaults": asdict(self.keyspace_defaults),
+            "inter_dc_latency_ms": self.inter_dc_latency_ms,
         }
 
     @classmethod
     def from_json(cls, data: Any) -> ClusterConfig:
         try:
+            if data.get("version") != 2:
+                raise ConfigError(f"cluster config version {data.get('version')!r} is not "
+                                  "supported (expected 2)")
+            managers = tuple(ManagerConfig(**m) for m in data["managers"])
             nodes = tuple(NodeConfig(**n) for n in data["nodes"])
-            shards = tuple(
-                ShardConfig(int(s["id"]), tuple(ReplicaConfig(**r) for r in s["replicas"]))
-                for s in data["shards"]
-            )
-            keyspaces = tuple(KeyspaceConfig(**k) for k in data.get("keyspaces", []))
             raft = RaftSettings(**data.get("raft", {}))
-        except (KeyError, TypeError, ValueError) as exc:
+            defaults = KeyspaceDefaults(**data.get("keyspace_defaults", {}))
+            latency = float(data.get("inter_dc_latency_ms", 0.0))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ConfigError(f"invalid cluster config: {exc}") from exc
-        config = cls(nodes, shards, keyspaces or (KeyspaceConfig("default", 0),), raft)
-        ids = [n.id for n in nodes]
+        ids = [m.id for m in managers] + [n.id for n in nodes]
         if len(set(ids)) != len(ids):
-            raise ConfigError("node ids must be unique")
-        for shard in shards:
-            for replica in shard.replicas:
-                config.node(replica.node)
-        return config
+            raise ConfigError("node and shard manager ids must be unique")
+        if not managers:
+            raise ConfigError("the cluster config lists no shard manager")
+        if latency < 0:
+            raise ConfigError("inter_dc_latency_ms must not be negative")
+        for n in nodes:
+            if not 0 < n.raft_port_min <= n.raft_port_max < 65536:
+                raise ConfigError(f"node {n.id}: bad Raft port range")
+        return cls(managers, nodes, raft, defaults, latency)
 
 
 def load(directory: Path) -> tuple[ClusterConfig, str]:

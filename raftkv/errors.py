@@ -49,9 +49,18 @@ class NotLeader(RaftKVError):
 
 
 class WrongShard(RaftKVError):
-    """The shard does not own this key (any more); refresh the shard map."""
+    """The physical shard does not serve this key's logical shard (any more), or
+    not this keyspace: the sender routed by a stale map. Checked when the op is
+    applied, so it definitely did not happen; refresh the shard map and retry."""
 
     code = "WRONG_SHARD"
+    definite = True
+
+
+class UnknownKeyspace(RaftKVError):
+    """The shard map has no keyspace of that name (never created, or dropped)."""
+
+    code = "UNKNOWN_KEYSPACE"
     definite = True
 
 
@@ -145,6 +154,7 @@ _BY_CODE: dict[str, type[RaftKVError]] = {
     for cls in (
         NotLeader,
         WrongShard,
+        UnknownKeyspace,
         ShardMoving,
         UnknownShard,
         PreconditionFailed,

@@ -1,7 +1,8 @@
 """Run a cluster of node processes on this machine (``raftkv up`` and the tests).
 
-A cluster directory holds ``cluster.json``, ``secret`` and one folder per node
-with its data, ``node.log`` and ``node.pid``. Node processes run in their own
+A cluster directory holds ``cluster.json``, ``secret`` and one folder per
+process (nodes ``n1..`` and shard manager replicas ``m1..``) with its data,
+``node.log`` and ``node.pid``. Node processes run in their own
 session, so they outlive the command that started them (``raftkv up`` returns)
 and a signal to the CLI does not reach them.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -21,7 +23,8 @@ from typing import Any
 import cbor2
 
 from raftkv import config as configmod
-from raftkv.config import ClusterConfig, KeyspaceConfig, NodeConfig, ReplicaConfig, ShardConfig
+from raftkv.config import ClusterConfig, KeyspaceDefaults, ManagerConfig, NodeConfig
+from raftkv.errors import NotLeader, RaftKVError, Unavailable, error_from_wire
 from raftkv.protocol.framing import FrameDecoder, encode_frame
 from raftkv.replication.replica import RaftSettings
 
@@ -65,12 +68,13 @@ def _process_alive(pid: int) -> bool:
     return not (state in ("Z", "X") and threads <= 1)
 
 
-def probe(address: str, op: str = "status", timeout_s: float = 1.0) -> dict[str, Any]:
-    """One blocking request to one node (status or ping). Raises OSError on failure."""
+def request(address: str, msg: dict[str, Any], timeout_s: float = 1.0) -> Any:
+    """One blocking request to one node or shard manager replica. Raises OSError
+    when it cannot be reached, or the RaftKVError it answers."""
     host, port = address.rsplit(":", 1)
     with socket.create_connection((host, int(port)), timeout=timeout_s) as sock:
         sock.settimeout(timeout_s)
-        sock.sendall(encode_frame(cbor2.dumps({"id": 1, "op": op})))
+        sock.sendall(encode_frame(cbor2.dumps({"id": 1, **msg})))
         decoder = FrameDecoder()
         while True:
             data = sock.recv(65536)
@@ -80,23 +84,88 @@ def probe(address: str, op: str = "status", timeout_s: float = 1.0) -> dict[str,
             for body in decoder.frames():
                 reply = cbor2.loads(body)
                 if "ok" not in reply:
-                    raise ConnectionError(f"{address} answered {reply!r}")
-                result: dict[str, Any] = reply["ok"]
-                return result
+                    raise error_from_wire(reply.get("err"))
+                return reply["ok"]
 
 
-def make_config(nodes: int = 3, dcs: int = 3, host: str = "127.0.0.1",
-                raft: RaftSettings | None = None) -> ClusterConfig:
-    """One physical shard replicated on every node; node i in data center i mod dcs."""
-    taken: set[int] = set()
-    node_configs = tuple(
-        NodeConfig(f"n{i + 1}", f"dc{i % dcs + 1}", host, free_port(host, taken))
-        for i in range(nodes)
-    )
-    shard = ShardConfig(0, tuple(ReplicaConfig(n.id, free_port(host, taken))
-                                 for n in node_configs))
-    return ClusterConfig(node_configs, (shard,), (KeyspaceConfig("default", 0),),
-                         raft or RaftSettings())
+def probe(address: str, op: str = "status", timeout_s: float = 1.0) -> dict[str, Any]:
+    """A status or ping request. Raises OSError (or RaftKVError) on failure."""
+    result: dict[str, Any] = request(address, {"op": op}, timeout_s)
+    return result
+
+
+def manager_request(addresses: list[str], msg: dict[str, Any], timeout_s: float = 10.0,
+                    request_timeout_s: float = 5.0) -> Any:
+    """A request to the shard manager's leader: follows NOT_LEADER hints and
+    retries other replicas until ``timeout_s``. Definite refusals other than
+    NOT_LEADER / UNAVAILABLE are raised at once."""
+    deadline = time.monotonic() + timeout_s
+    address = addresses[0]
+    rotation = 0
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            return request(address, msg, request_timeout_s)
+        except NotLeader as exc:
+            last = exc
+            if exc.leader is not None and exc.leader != address:
+                address = exc.leader
+                continue
+        except (Unavailable, OSError, ValueError) as exc:
+            last = exc
+        except RaftKVError as exc:
+            if exc.definite:
+                raise
+            last = exc
+        rotation += 1
+        address = addresses[rotation % len(addresses)]
+        time.sleep(0.1)
+    raise ClusterError(f"the shard manager did not answer {msg.get('op')!r} within "
+                       f"{timeout_s} s (last error: {last})")
+
+
+def free_port_range(host: str, count: int, taken: set[int]) -> int:
+    """The first port of ``count`` consecutive ports free now on ``host``, below
+    the kernel's ephemeral range (so outgoing connections do not take them)."""
+    rng = random.Random()  # noqa: S311 - spreading ports, not security
+    for _ in range(200):
+        base = rng.randrange(20000, 32000 - count)
+        ports = range(base, base + count)
+        if not taken.intersection(ports) and all(port_is_free(host, p) for p in ports):
+            taken.update(ports)
+            return base
+    raise ClusterError(f"found no {count} consecutive free ports on {host}")
+
+
+RAFT_PORTS_PER_NODE = 64
+
+
+def make_config(*, dcs: int = 3, nodes_per_dc: int = 1, hosts: list[str] | None = None,
+                raft: RaftSettings | None = None, physical_shards: int = 1,
+                logical_shards: int = 256, replication_factor: int = 3,
+                inter_dc_latency_ms: float = 0.0, managers: int = 3) -> ClusterConfig:
+    """Nodes ``n1..`` spread over data centers ``dc1..`` (node i in dc i mod dcs),
+    and shard manager replicas ``m1..`` one per DC (round robin). ``hosts``: the
+    addresses to spread the processes over (default 127.0.0.1 for all)."""
+    hosts = hosts or ["127.0.0.1"]
+    taken: dict[str, set[int]] = {h: set() for h in hosts}
+    manager_configs = []
+    for i in range(managers):
+        host = hosts[i % len(hosts)]
+        manager_configs.append(ManagerConfig(
+            f"m{i + 1}", f"dc{i % dcs + 1}", host, free_port(host, taken[host]),
+            free_port(host, taken[host])))
+    node_configs = []
+    for i in range(dcs * nodes_per_dc):
+        host = hosts[i % len(hosts)]
+        base = free_port_range(host, RAFT_PORTS_PER_NODE, taken[host])
+        node_configs.append(NodeConfig(
+            f"n{i + 1}", f"dc{i % dcs + 1}", host, free_port(host, taken[host]),
+            base, base + RAFT_PORTS_PER_NODE - 1))
+    return ClusterConfig(
+        tuple(manager_configs), tuple(node_configs), raft or RaftSettings(),
+        KeyspaceDefaults(logical_shards, physical_shards, replication_factor),
+        inter_dc_latency_ms)
 
 
 class LocalCluster:
@@ -126,11 +195,22 @@ class LocalCluster:
     def node_ids(self) -> list[str]:
         return [n.id for n in self.config.nodes]
 
-    def client_addresses(self) -> list[str]:
-        return [n.client_address for n in self.config.nodes]
+    @property
+    def manager_ids(self) -> list[str]:
+        return [m.id for m in self.config.managers]
 
-    def address(self, node_id: str) -> str:
-        return self.config.node(node_id).client_address
+    @property
+    def process_ids(self) -> list[str]:
+        return self.manager_ids + self.node_ids
+
+    def client_addresses(self) -> list[str]:
+        """Where clients start: the shard manager's replicas (they serve the map)."""
+        return self.config.manager_addresses
+
+    def address(self, process_id: str) -> str:
+        if process_id in self.manager_ids:
+            return self.config.manager(process_id).client_address
+        return self.config.node(process_id).client_address
 
     def node_dir(self, node_id: str) -> Path:
         return self.directory / node_id
@@ -151,7 +231,7 @@ class LocalCluster:
             return None
         if stat.rsplit(")", 1)[1].split()[0] == "Z":
             return None  # exited, not yet reaped
-        if b"node" not in cmdline or node_id.encode() not in cmdline:
+        if b"raftkv_cli.main" not in cmdline or node_id.encode() not in cmdline:
             return None  # the pid was reused by another process
         return pid
 
@@ -161,21 +241,26 @@ class LocalCluster:
     # -- start and stop --------------------------------------------------------------
 
     def start_node(self, node_id: str) -> int:
+        """Start a node or a shard manager replica (by id)."""
         existing = self.pid(node_id)
         if existing is not None:
             return existing
-        node = self.config.node(node_id)
-        ports = [node.client_port] + [
-            r.raft_port for s in self.config.shards for r in s.replicas if r.node == node_id]
+        if node_id in self.manager_ids:
+            manager = self.config.manager(node_id)
+            host, ports, command = manager.host, [manager.client_port, manager.raft_port], \
+                "shardmgr"
+        else:
+            node = self.config.node(node_id)
+            host, ports, command = node.host, [node.client_port], "node"
         for port in ports:
-            if not port_is_free(node.host, port):
-                raise ClusterError(f"cannot start {node_id}: port {port} on {node.host} is in use")
+            if not port_is_free(host, port):
+                raise ClusterError(f"cannot start {node_id}: port {port} on {host} is in use")
         directory = self.node_dir(node_id)
         directory.mkdir(parents=True, exist_ok=True)
         log = open(directory / "node.log", "ab")  # noqa: SIM115 - handed to the child
         process = subprocess.Popen(
-            [sys.executable, "-m", "raftkv_cli.main", "node", "--cluster", str(self.directory),
-             "--id", node_id],
+            [sys.executable, "-m", "raftkv_cli.main", command, "--cluster",
+             str(self.directory), "--id", node_id],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True, close_fds=True,
         )
@@ -185,8 +270,10 @@ class LocalCluster:
         return process.pid
 
     def start(self, timeout_s: float = 30.0) -> None:
-        for node_id in self.node_ids:
-            self.start_node(node_id)
+        """Start every process; create keyspace ``default`` on first start; return
+        once every physical shard has a leader."""
+        for process_id in self.process_ids:
+            self.start_node(process_id)
         self.wait_ready(timeout_s)
 
     def signal_node(self, node_id: str, signum: int) -> int | None:
@@ -232,43 +319,86 @@ class LocalCluster:
         return False
 
     def stop(self) -> None:
-        for node_id in self.node_ids:
-            self.stop_node(node_id)
+        for process_id in self.process_ids:
+            self.stop_node(process_id)
 
     # -- readiness -----------------------------------------------------------------
 
     def statuses(self, timeout_s: float = 1.0) -> dict[str, dict[str, Any] | None]:
+        """Status of every node and shard manager replica (None: no answer)."""
         out: dict[str, dict[str, Any] | None] = {}
-        for node in self.config.nodes:
+        for process_id in self.process_ids:
             try:
-                out[node.id] = probe(node.client_address, timeout_s=timeout_s)
-            except (OSError, ValueError):
-                out[node.id] = None
+                out[process_id] = probe(self.address(process_id), timeout_s=timeout_s)
+            except (OSError, ValueError, RaftKVError):
+                out[process_id] = None
         return out
 
+    def manager(self, msg: dict[str, Any], timeout_s: float = 10.0) -> Any:
+        """A request to the shard manager's leader."""
+        return manager_request(self.client_addresses(), msg, timeout_s)
+
+    def manager_leader(self) -> str | None:
+        for manager_id in self.manager_ids:
+            try:
+                if probe(self.address(manager_id))["role"] == "leader":
+                    return manager_id
+            except (OSError, ValueError, RaftKVError):
+                pass
+        return None
+
     def leaders(self) -> dict[int, str]:
-        """shard id -> node id of the replica that reports itself leader."""
-        leaders: dict[int, str] = {}
-        for node_id, status in self.statuses().items():
-            for shard in (status or {}).get("shards", []):
-                if shard["role"] == "leader":
-                    leaders[shard["id"]] = node_id
-        return leaders
+        """physical shard id -> node id of the replica that reports itself leader
+        (the highest term wins if two do)."""
+        best: dict[int, tuple[int, str]] = {}
+        for node_id in self.node_ids:
+            try:
+                status = probe(self.address(node_id))
+            except (OSError, ValueError, RaftKVError):
+                continue
+            for shard in status.get("shards", []):
+                if shard["role"] == "leader" and shard["term"] >= best.get(
+                        shard["id"], (-1, ""))[0]:
+                    best[shard["id"]] = (shard["term"], node_id)
+        return {shard: node for shard, (_, node) in best.items()}
+
+    def _check_children(self) -> None:
+        for process_id in self.process_ids:
+            child = self._children.get(process_id)
+            if child is not None and child.poll() is not None:
+                raise ClusterError(
+                    f"{process_id} exited with code {child.returncode}; see "
+                    f"{self.node_dir(process_id) / 'node.log'}")
 
     def wait_ready(self, timeout_s: float = 30.0) -> dict[int, str]:
-        """Wait until every shard has a leader; returns shard -> leader node id."""
+        """Wait until every node is registered and alive, keyspace ``default``
+        exists (created with the configured defaults on first start) and is
+        active, and every physical shard has a leader. Returns shard -> leader."""
         deadline = time.monotonic() + timeout_s
-        want = {s.id for s in self.config.shards}
-        while time.monotonic() < deadline:
+        want_nodes = set(self.node_ids)
+        while True:
+            self._check_children()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ClusterError(f"the cluster was not ready within {timeout_s} s; logs "
+                                   f"are in {self.directory}/*/node.log")
+            try:
+                view = self.manager({"op": "cluster"}, timeout_s=min(remaining, 5.0))
+            except ClusterError:
+                continue
+            alive = {n for n, info in view["nodes"].items() if info["alive"]}
+            keyspaces = {k["name"]: k for k in view["state"]["keyspaces"]}
+            if alive < want_nodes:
+                time.sleep(0.1)
+                continue
+            if "default" not in keyspaces:
+                with contextlib.suppress(RaftKVError, ClusterError):
+                    self.manager({"op": "ks_create", "name": "default"},
+                                 timeout_s=min(remaining, 5.0))
+                continue
+            shards = {s["id"] for s in view["state"]["shards"]}
             leaders = self.leaders()
-            if set(leaders) >= want:
+            if all(k["state"] == "active" for k in keyspaces.values()
+                   if k["state"] != "dropping") and set(leaders) >= shards:
                 return leaders
-            for node_id in self.node_ids:
-                child = self._children.get(node_id)
-                if child is not None and child.poll() is not None:
-                    raise ClusterError(
-                        f"node {node_id} exited with code {child.returncode}; see "
-                        f"{self.node_dir(node_id) / 'node.log'}")
             time.sleep(0.1)
-        raise ClusterError(f"no leader elected within {timeout_s} s; node logs are in "
-                           f"{self.directory}")

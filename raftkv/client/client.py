@@ -1,6 +1,6 @@
-"""The trio-native client SDK.
+"""The trio-native client SDK: routes by the shard map, retries, exactly-once.
 
-    async with open_client(["127.0.0.1:7001", "127.0.0.1:7002"]) as kv:
+    async with open_client(["127.0.0.1:7001", "127.0.0.1:7002"]) as kv:  # shard managers
         await kv.put("greeting", "hello")
         assert await kv.get("greeting") == b"hello"
 
@@ -24,7 +24,9 @@ from typing import Any
 import cbor2
 import trio
 
+from raftkv.client.shardmap import Route, ShardMap
 from raftkv.errors import (
+    BadRequest,
     ClusterUnavailable,
     ConnectionLost,
     NotLeader,
@@ -33,6 +35,9 @@ from raftkv.errors import (
     ShardMoving,
     Timeout,
     Unavailable,
+    UnknownKeyspace,
+    UnknownShard,
+    WrongShard,
     error_from_wire,
 )
 from raftkv.protocol.framing import FrameDecoder, encode_frame
@@ -45,6 +50,7 @@ from raftkv.protocol.messages import (
     WriteOp,
     encode_op,
 )
+from raftkv.sharding import shard_key
 
 Bytesish = bytes | str
 
@@ -54,6 +60,7 @@ def _b(value: Bytesish) -> bytes:
 
 
 _RETRY_DEFINITE = (NotLeader, Unavailable, Overloaded, ShardMoving)
+WATCH_WAIT_S = 20.0
 
 
 @dataclass(frozen=True)
@@ -133,38 +140,91 @@ class _Connection:
         await self._stream.aclose()
 
 
-class AsyncClient:
-    """Use ``open_client`` to make one."""
+class ConnectionPool:
+    """One connection per address, opened on first use, shared by all callers."""
 
-    def __init__(self, nursery: trio.Nursery, addresses: list[str], *, shard: int = 0,
-                 keyspace: str = DEFAULT_KEYSPACE, request_timeout_s: float = 5.0,
-                 retry_budget_s: float = 20.0, connect_timeout_s: float = 2.0) -> None:
-        if not addresses:
-            raise ValueError("a client needs at least one node address")
+    def __init__(self, nursery: trio.Nursery, connect_timeout_s: float = 2.0) -> None:
         self._nursery = nursery
-        self.addresses = list(addresses)
-        self.shard = shard
+        self.connect_timeout_s = connect_timeout_s
+        self._connections: dict[str, _Connection] = {}
+        self._connecting: dict[str, trio.Event] = {}
+
+    async def connection(self, address: str) -> _Connection:
+        while True:
+            conn = self._connections.get(address)
+            if conn is not None and not conn.closed:
+                return conn
+            pending = self._connecting.get(address)
+            if pending is None:
+                break
+            await pending.wait()
+        event = self._connecting[address] = trio.Event()
+        try:
+            host, port = address.rsplit(":", 1)
+            try:
+                with trio.fail_after(self.connect_timeout_s):
+                    stream = await trio.open_tcp_stream(host, int(port))
+            except (OSError, trio.TooSlowError, ValueError) as exc:
+                raise Unavailable(f"cannot connect to {address}: {exc}") from exc
+            conn = _Connection(address, stream)
+            self._connections[address] = conn
+            self._nursery.start_soon(conn.run)
+            return conn
+        finally:
+            del self._connecting[address]
+            event.set()
+
+    async def request(self, address: str, msg: dict[str, Any], timeout_s: float) -> Any:
+        conn = await self.connection(address)
+        return await conn.request(msg, timeout_s)
+
+    async def aclose(self) -> None:
+        for conn in list(self._connections.values()):
+            await conn.aclose()
+        self._connections.clear()
+
+
+class AsyncClient:
+    """Use ``open_client`` to make one.
+
+    ``managers`` are the shard manager's client addresses: the client fetches
+    the shard map from them, keeps it fresh with a long-poll watch, routes
+    each key to the leader of its physical shard, and refreshes the map when a
+    node answers WRONG_SHARD (or does not host the shard)."""
+
+    def __init__(self, nursery: trio.Nursery, managers: list[str], *,
+                 keyspace: str = DEFAULT_KEYSPACE, request_timeout_s: float = 5.0,
+                 retry_budget_s: float = 20.0, connect_timeout_s: float = 2.0,
+                 watch_map: bool = True) -> None:
+        if not managers:
+            raise ValueError("a client needs at least one shard manager address")
+        self._nursery = nursery
+        self.managers = list(managers)
         self.keyspace = keyspace
         self.request_timeout_s = request_timeout_s
         self.retry_budget_s = retry_budget_s
-        self.connect_timeout_s = connect_timeout_s
         self.client_id = os.urandom(CLIENT_ID_BYTES)
-        self._connections: dict[str, _Connection] = {}
-        self._connecting: dict[str, trio.Event] = {}
-        self._leader: str | None = None
-        self._rotation = random.randrange(len(self.addresses))
+        self._pool = ConnectionPool(nursery, connect_timeout_s)
+        self._map: ShardMap | None = None
+        self._map_fetch: trio.Event | None = None
+        self._watch = watch_map
+        self._watching = False
+        self._manager_leader: str | None = None
+        self._manager_rotation = random.randrange(len(self.managers))
+        self._leaders: dict[int, str] = {}
+        self._rotation = random.randrange(1 << 16)
         self._seq = 0
         self._outstanding: set[int] = set()
         self.retries = 0
+        self.map_refreshes = 0
 
     # -- public API -----------------------------------------------------------
 
     async def get(self, key: Bytesish, *, consistency: str = "strong") -> bytes | None:
         """The value of ``key``, or None. ``strong`` (default) is linearizable;
         ``eventual`` may be stale (any replica)."""
-        msg = {"op": "get", "shard": self.shard, "ks": self.keyspace, "key": _b(key),
-               "cons": consistency}
-        result = await self._call(msg, leader_only=consistency == "strong")
+        msg = {"op": "get", "ks": self.keyspace, "key": _b(key), "cons": consistency}
+        result = await self._call(msg, key=_b(key), leader_only=consistency == "strong")
         value = result["value"]
         return value if value is None else bytes(value)
 
@@ -183,103 +243,224 @@ class AsyncClient:
             [CasOp(_b(key), None if expected is None else _b(expected), _b(value))], kind="cas")
 
     async def batch(self, ops: list[WriteOp], *, kind: str = "batch") -> WriteResult:
-        """Apply ``ops`` atomically: all or (if any cas fails) none."""
+        """Apply ``ops`` atomically: all or (if any cas fails) none. The keys of
+        a batch must share one logical shard (give them one hash tag ``{...}``)."""
+        if not ops:
+            raise BadRequest("a batch needs at least one op")
+        shards = {await self.logical_shard(o.key) for o in ops}
+        if len(shards) > 1:
+            raise BadRequest("the keys of a batch must share one logical shard: give them "
+                             "the same hash tag, as in {user42}:name and {user42}:email")
         self._seq += 1
         seq = self._seq
         self._outstanding.add(seq)
         try:
-            msg: dict[str, Any] = {"shard": self.shard, "ks": self.keyspace,
-                                   "cid": self.client_id, "seq": seq}
+            msg: dict[str, Any] = {"ks": self.keyspace, "cid": self.client_id, "seq": seq}
             if kind == "batch":
                 msg.update(op="batch", ops=[encode_op(o) for o in ops])
             else:
                 msg.update(encode_op(ops[0]))
-            result = await self._call(msg, leader_only=True, seq=seq)
+            result = await self._call(msg, key=ops[0].key, leader_only=True, seq=seq)
             return WriteResult(int(result["index"]), list(result["results"]))
         finally:
             self._outstanding.discard(seq)
 
+    async def scan(self, prefix: Bytesish, *, limit: int | None = None,
+                   consistency: str = "strong") -> list[tuple[bytes, bytes]]:
+        """Keys starting with ``prefix`` and their values, in key order. The
+        prefix must contain a hash tag (``{user42}:``), so that every key it
+        matches lies in one logical shard; each page is read with ``consistency``."""
+        prefix = _b(prefix)
+        if shard_key(prefix) == prefix:
+            raise BadRequest("scan needs a prefix with a complete hash tag, such as "
+                             "{user42}: (keys without one are spread over all shards)")
+        ls = await self.logical_shard(prefix)
+        out: list[tuple[bytes, bytes]] = []
+        async for page in self._pages(ls, prefix, consistency):
+            out.extend(page)
+            if limit is not None and len(out) >= limit:
+                return out[:limit]
+        return out
+
+    async def export(self, *, consistency: str = "strong",
+                     page_keys: int = 1000) -> AsyncIterator[list[tuple[bytes, bytes]]]:
+        """Every key of the keyspace, one page at a time, logical shard by
+        logical shard (each page is one read: consistent in itself)."""
+        await self.logical_shard(b"")  # the keyspace exists (or UnknownKeyspace)
+        total = int((await self.shard_map()).keyspace(self.keyspace)["logical_shards"])
+        for ls in range(total):
+            async for page in self._pages(ls, b"", consistency, page_keys):
+                yield page
+
+    async def _pages(self, ls: int, prefix: bytes, consistency: str,
+                     page_keys: int = 1000) -> AsyncIterator[list[tuple[bytes, bytes]]]:
+        after: bytes | None = None
+        while True:
+            msg: dict[str, Any] = {"op": "scan", "ks": self.keyspace, "ls": ls,
+                                   "prefix": prefix, "after": after, "limit": page_keys,
+                                   "cons": consistency}
+            result = await self._call(msg, ls=ls, leader_only=consistency == "strong")
+            items = [(bytes(k), bytes(v)) for k, v in result["items"]]
+            if items:
+                yield items
+            if not result["more"] or not items:
+                return
+            after = items[-1][0]
+
     async def status(self, address: str) -> dict[str, Any]:
-        """One node's status (no retries)."""
-        conn = await self._connection(address)
-        result: dict[str, Any] = await conn.request({"op": "status"}, self.request_timeout_s)
+        """One node's (or shard manager replica's) status (no retries)."""
+        result: dict[str, Any] = await self._pool.request(address, {"op": "status"},
+                                                         self.request_timeout_s)
         return result
 
+    async def manager(self, msg: dict[str, Any]) -> Any:
+        """A request to the shard manager's leader (keyspace create, drop, ...)."""
+        return await self._manager_call(msg, leader_only=True)
+
     async def aclose(self) -> None:
-        for conn in list(self._connections.values()):
-            await conn.aclose()
-        self._connections.clear()
+        await self._pool.aclose()
+
+    # -- the shard map -----------------------------------------------------------
+
+    async def logical_shard(self, key: Bytesish) -> int:
+        """The logical shard of ``key`` in this client's keyspace."""
+        try:
+            return (await self.shard_map()).logical_shard(self.keyspace, _b(key))
+        except UnknownKeyspace:  # the keyspace may be newer than the cached map
+            return (await self.shard_map(refresh=True)).logical_shard(self.keyspace, _b(key))
+
+    async def shard_map(self, *, refresh: bool = False) -> ShardMap:
+        """The cached map (fetched on first use); ``refresh``: a newer one now."""
+        if self._map is None or refresh:
+            pending = self._map_fetch
+            if pending is not None:
+                await pending.wait()  # one fetch at a time serves every caller
+            else:
+                self._map_fetch = trio.Event()
+                try:
+                    self._install(await self._manager_call({"op": "map"}, leader_only=False))
+                finally:
+                    self._map_fetch.set()
+                    self._map_fetch = None
+                    self.map_refreshes += 1
+        if self._watch and not self._watching:
+            self._watching = True
+            self._nursery.start_soon(self._watch_map)
+        assert self._map is not None
+        return self._map
+
+    def _install(self, document: Any) -> None:
+        if self._map is None or int(document["version"]) > self._map.version:
+            self._map = ShardMap(document)
+
+    async def _watch_map(self) -> None:
+        """Long-poll the shard manager for newer maps, for as long as the client lives."""
+        while True:
+            version = self._map.version if self._map else 0
+            try:
+                document = await self._manager_call(
+                    {"op": "map", "after": version, "wait_s": WATCH_WAIT_S},
+                    leader_only=False, timeout_s=WATCH_WAIT_S + self.request_timeout_s)
+                self._install(document)
+            except RaftKVError:
+                await trio.sleep(1.0)
+
+    async def _manager_call(self, msg: dict[str, Any], *, leader_only: bool,
+                            timeout_s: float | None = None) -> Any:
+        deadline = trio.current_time() + self.retry_budget_s
+        backoff_s = 0.01
+        last: RaftKVError | None = None
+        while True:
+            address = self._manager_leader or self.managers[
+                self._manager_rotation % len(self.managers)]
+            try:
+                result = await self._pool.request(address, dict(msg),
+                                                  timeout_s or self.request_timeout_s)
+                if leader_only:
+                    self._manager_leader = address
+                return result
+            except NotLeader as exc:
+                last = exc
+                self._manager_leader = exc.leader if exc.leader != address else None
+                if self._manager_leader is None:
+                    self._manager_rotation += 1
+                else:
+                    continue
+            except (Unavailable, Overloaded, ConnectionLost, Timeout) as exc:
+                last = exc
+                self._manager_leader = None
+                self._manager_rotation += 1
+            if trio.current_time() + backoff_s > deadline:
+                raise ClusterUnavailable(
+                    f"no shard manager answered within {self.retry_budget_s} s "
+                    f"(last error: {last})")
+            await trio.sleep(backoff_s * (0.5 + random.random()))
+            backoff_s = min(backoff_s * 2, 0.5)
 
     # -- machinery ------------------------------------------------------------
 
     def _ack(self) -> int:
         return min(self._outstanding) - 1 if self._outstanding else self._seq
 
-    async def _connection(self, address: str) -> _Connection:
-        while True:
-            conn = self._connections.get(address)
-            if conn is not None and not conn.closed:
-                return conn
-            pending = self._connecting.get(address)
-            if pending is None:
-                break
-            await pending.wait()
-        event = self._connecting[address] = trio.Event()
-        try:
-            host, port = address.rsplit(":", 1)
-            try:
-                with trio.fail_after(self.connect_timeout_s):
-                    stream = await trio.open_tcp_stream(host, int(port))
-            except (OSError, trio.TooSlowError) as exc:
-                raise Unavailable(f"cannot connect to {address}: {exc}") from exc
-            conn = _Connection(address, stream)
-            self._connections[address] = conn
-            self._nursery.start_soon(conn.run)
-            return conn
-        finally:
-            del self._connecting[address]
-            event.set()
+    def _route(self, smap: ShardMap, key: bytes | None, ls: int | None) -> Route:
+        if key is not None:
+            return smap.route(self.keyspace, key)
+        assert ls is not None
+        return smap.route_logical(self.keyspace, ls)
 
-    def _pick(self) -> str:
-        if self._leader is not None:
-            return self._leader
-        address = self.addresses[self._rotation % len(self.addresses)]
-        return address
+    def _pick(self, route: Route, leader_only: bool) -> str:
+        leader = self._leaders.get(route.shard)
+        if leader is not None and (leader_only or leader in route.replicas):
+            return leader
+        if not route.replicas:
+            raise Unavailable(f"the shard map lists no replica of shard {route.shard}")
+        return route.replicas[self._rotation % len(route.replicas)]
 
-    def _rotate(self) -> None:
-        self._leader = None
+    def _rotate(self, shard: int) -> None:
+        self._leaders.pop(shard, None)
         self._rotation += 1
 
-    async def _call(self, msg: dict[str, Any], *, leader_only: bool, seq: int | None = None) -> Any:
+    async def _call(self, msg: dict[str, Any], *, key: bytes | None = None,
+                    ls: int | None = None, leader_only: bool, seq: int | None = None) -> Any:
         deadline = trio.current_time() + self.retry_budget_s
         maybe_happened: RaftKVError | None = None
         last: RaftKVError | None = None
         backoff_s = 0.01
         while True:
-            address = self._pick()
+            try:
+                route = self._route(await self.shard_map(), key, ls)
+            except UnknownKeyspace:
+                # The keyspace may be newer than this map: look once more.
+                route = self._route(await self.shard_map(refresh=True), key, ls)
+            msg["shard"] = route.shard
+            address = self._pick(route, leader_only)
             try:
                 if seq is not None:
                     msg["ack"] = self._ack()
-                conn = await self._connection(address)
-                result = await conn.request(msg, self.request_timeout_s)
+                result = await self._pool.request(address, msg, self.request_timeout_s)
                 if leader_only:
-                    self._leader = address
+                    self._leaders[route.shard] = address
                 return result
             except NotLeader as exc:
                 last = exc
                 hint = exc.leader
                 if hint is not None and hint != address:
-                    self._leader = hint
+                    self._leaders[route.shard] = hint
                     continue  # a hint is worth one immediate retry
-                self._rotate()
+                self._rotate(route.shard)
+            except (WrongShard, UnknownShard) as exc:
+                # Routed by a stale map (or the node has not opened the replica yet).
+                last = exc
+                self._rotate(route.shard)
+                await self.shard_map(refresh=True)
             except _RETRY_DEFINITE as exc:
                 last = exc
-                self._rotate()
+                self._rotate(route.shard)
             except RaftKVError as exc:
                 if exc.definite:
                     raise
                 last = maybe_happened = exc
-                self._rotate()
+                self._rotate(route.shard)
             if trio.current_time() + backoff_s > deadline:
                 if maybe_happened is not None:
                     raise maybe_happened

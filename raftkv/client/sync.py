@@ -1,6 +1,6 @@
 """A synchronous facade over the trio client, for scripts and the CLI.
 
-    with Client(["127.0.0.1:7001"]) as kv:
+    with Client(["127.0.0.1:7001"]) as kv:   # shard manager addresses
         kv.put("k", "v")
         kv.get("k")   # b"v"
 
@@ -72,6 +72,14 @@ class Client:
 
     def batch(self, ops: list[WriteOp]) -> WriteResult:
         return self._run(self.client.batch, ops)  # type: ignore[no-any-return]
+
+    def scan(self, prefix: Bytesish, *, limit: int | None = None,
+             consistency: str = "strong") -> list[tuple[bytes, bytes]]:
+        return self._run(  # type: ignore[no-any-return]
+            self.client.scan, prefix, limit=limit, consistency=consistency)
+
+    def manager(self, msg: dict[str, Any]) -> Any:
+        return self._run(self.client.manager, msg)
 
     def status(self, address: str) -> dict[str, Any]:
         return self._run(self.client.status, address)  # type: ignore[no-any-return]

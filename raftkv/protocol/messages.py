@@ -14,9 +14,17 @@ put      shard, key, value, cid, seq, ack, [ks]
 delete   shard, key, cid, seq, ack, [ks]
 cas      shard, key, expect (bytes or null = expect absent), value, cid, seq, ack, [ks]
 batch    shard, ops: [{op: put|delete|cas, key, value?, expect?}], cid, seq, ack, [ks]
+scan     shard, ls, [ks], [prefix], [after], [limit <= 10000], [cons]
+own      shard, ks, ks_id, L, ls: [logical shards]      (from the shard manager)
+drop     shard, ks, ks_id, n                            (from the shard manager)
+transfer shard, to (Raft address of a replica)          (leader balancing)
+fault    spec (a ``raftkv.faults.FaultSpec`` as json)   (fault injection)
 status   (none)
 ping     (none)
 ======== =====================================================================
+
+``scan`` returns up to ``limit`` pairs of one logical shard whose keys start with
+``prefix`` and sort after ``after``; ``{"items": [[key, value], ...], "more": bool}``.
 
 ``cid`` is the client's 16-byte id, ``seq`` the operation's sequence number
 (unique per client, reused on retry), ``ack`` the highest seq below which the
@@ -109,7 +117,53 @@ class PingRequest:
     id: int
 
 
-Request = GetRequest | WriteRequest | StatusRequest | PingRequest
+@dataclass(frozen=True, slots=True)
+class ScanRequest:
+    id: int
+    shard: int
+    keyspace: str
+    logical_shard: int
+    prefix: bytes
+    after: bytes | None
+    limit: int
+    consistency: Consistency = "strong"
+
+
+@dataclass(frozen=True, slots=True)
+class OwnRequest:
+    id: int
+    shard: int
+    keyspace: str
+    keyspace_id: int
+    logical_shards_total: int
+    logical_shards: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class DropRequest:
+    id: int
+    shard: int
+    keyspace: str
+    keyspace_id: int
+    keys_max: int
+
+
+@dataclass(frozen=True, slots=True)
+class TransferRequest:
+    id: int
+    shard: int
+    to: str
+
+
+@dataclass(frozen=True, slots=True)
+class FaultRequest:
+    id: int
+    spec: dict[str, Any]
+
+
+Request = (GetRequest | WriteRequest | ScanRequest | OwnRequest | DropRequest
+           | TransferRequest | FaultRequest | StatusRequest | PingRequest)
+SCAN_LIMIT_MAX = 10_000
 
 
 # ---------------------------------------------------------------------------
@@ -197,17 +251,70 @@ def decode_request(body: bytes, limits: Limits = DEFAULT_LIMITS) -> Request:
         raise
 
 
+def _consistency(msg: dict[str, Any], context: str) -> Consistency:
+    cons = msg.get("cons", "strong")
+    if cons not in ("strong", "eventual"):
+        raise BadRequest(f"{context}: field 'cons' must be 'strong' or 'eventual'")
+    return cons  # type: ignore[no-any-return]
+
+
+def _u32(msg: dict[str, Any], name: str, context: str) -> int:
+    value = _uint(msg, name, context)
+    if value > 2**32 - 1:
+        raise BadRequest(f"{context}: field '{name}' must be below 2**32")
+    return value
+
+
+def _decode_admin(msg: dict[str, Any], op: Any, request_id: int, context: str,
+                  limits: Limits) -> Request:
+    if op == "scan":
+        after = msg.get("after")
+        limit = msg.get("limit", 1000)
+        if isinstance(limit, bool) or not isinstance(limit, int) or not (
+                1 <= limit <= SCAN_LIMIT_MAX):
+            raise BadRequest(f"{context}: field 'limit' must be an integer from 1 to "
+                             f"{SCAN_LIMIT_MAX}")
+        return ScanRequest(
+            request_id, _uint(msg, "shard", context), _keyspace(msg, context),
+            _u32(msg, "ls", context),
+            _bytes(msg, "prefix", context, limits.key_bytes_max, "prefix")
+            if "prefix" in msg else b"",
+            None if after is None else _bytes(msg, "after", context, limits.key_bytes_max,
+                                              "after key"),
+            limit, _consistency(msg, context))
+    if op == "own":
+        shards = _field(msg, "ls", context)
+        if not isinstance(shards, list) or not all(
+                isinstance(ls, int) and not isinstance(ls, bool) and 0 <= ls < 2**32
+                for ls in shards):
+            raise BadRequest(f"{context}: field 'ls' must be a list of logical shards")
+        return OwnRequest(request_id, _uint(msg, "shard", context), _keyspace(msg, context),
+                          _u32(msg, "ks_id", context), _u32(msg, "L", context), tuple(shards))
+    if op == "drop":
+        return DropRequest(request_id, _uint(msg, "shard", context), _keyspace(msg, context),
+                           _u32(msg, "ks_id", context), _u32(msg, "n", context))
+    if op == "transfer":
+        to = _field(msg, "to", context)
+        if not isinstance(to, str):
+            raise BadRequest(f"{context}: field 'to' must be a Raft address host:port")
+        return TransferRequest(request_id, _uint(msg, "shard", context), to)
+    assert op == "fault"
+    spec = _field(msg, "spec", context)
+    if not isinstance(spec, dict):
+        raise BadRequest(f"{context}: field 'spec' must be a map")
+    return FaultRequest(request_id, spec)
+
+
 def _decode_fields(msg: dict[str, Any], request_id: int, limits: Limits) -> Request:
     op = msg.get("op")
     context = f"request {request_id} ({op})"
     if op == "get":
-        cons = msg.get("cons", "strong")
-        if cons not in ("strong", "eventual"):
-            raise BadRequest(f"{context}: field 'cons' must be 'strong' or 'eventual'")
         return GetRequest(
             request_id, _uint(msg, "shard", context), _keyspace(msg, context),
-            _key(msg, context, limits), cons,
+            _key(msg, context, limits), _consistency(msg, context),
         )
+    if op in ("scan", "own", "drop", "transfer", "fault"):
+        return _decode_admin(msg, op, request_id, context, limits)
     if op in ("put", "delete", "cas", "batch"):
         if op == "batch":
             raw_ops = _field(msg, "ops", context)

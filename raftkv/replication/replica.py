@@ -26,10 +26,14 @@ on the Raft thread and must hand off (the node server uses
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import functools
 import logging
 import os
 import threading
+import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,15 +138,46 @@ class _DurableTransport(TCPTransport):  # type: ignore[misc]
     commit only at the start of its next tick, after this tick's sync.
     Once anything is queued, everything after it is queued too, so messages
     never overtake each other.
+
+    Fault injection (DESIGN section 8), only when ``link`` is given.
+    ``link(peer_address)`` says, per message, whether the link to that peer
+    is cut (``None``) or else the one-way delay in seconds:
+
+    - a message to a cut peer is dropped where it would leave the node (after
+      the outbox, so the durability rule above is unchanged), and ``send``
+      reports success, as a lost packet would; a message from a cut peer is
+      dropped on arrival, before pysyncobj or the journal sees it;
+    - a delayed message is held in a per-peer queue, in order, and sent at
+      its due time by ``flush`` on the Raft tick thread (TCPTransport is not
+      thread-safe). A message never overtakes an earlier one to the same peer,
+      even when the delay shrinks. A held message whose link is cut by its due
+      time is dropped (it was "on the wire"). The one ``_Waker`` thread wakes
+      the tick thread at the earliest due time, so release is not rounded up
+      to the tick period;
+    - at most ``DELAYED_MAX`` messages are held; beyond that new messages are
+      dropped (a full network buffer), which Raft recovers from by resending.
+
+    Without ``link`` the only extra work is one ``is None`` check per send and
+    per tick.
     """
 
     _WAIT_FOR_SYNC = frozenset({"next_node_idx"})
+    DELAYED_MAX = 10_000  # held messages per transport (a count: one can be ~1 MiB)
 
     def __init__(self, syncObj: Any, selfNode: Any, otherNodes: Any,
-                 journal: DurableJournal) -> None:
+                 journal: DurableJournal,
+                 link: Callable[[str], float | None] | None = None) -> None:
         self._journal = journal
         self._outbox: list[tuple[Any, Any]] = []
         self._outbox_lock = threading.Lock()
+        self._link = link
+        # Fault injection only (guarded by _outbox_lock, used on the tick thread):
+        self._delayed: dict[Any, collections.deque[tuple[float, Any]]] = {}
+        self._delayed_count = 0
+        self._waker: _Waker | None = None
+        self.dropped_cut_out = 0
+        self.dropped_cut_in = 0
+        self.dropped_overflow = 0
         super().__init__(syncObj, selfNode, otherNodes)
         syncObj.addOnTickCallback(self.flush)
 
@@ -152,9 +187,14 @@ class _DurableTransport(TCPTransport):  # type: ignore[misc]
                                 and message.get("type") in self._WAIT_FOR_SYNC):
                 self._outbox.append((node, message))
                 return True
+            if self._link is not None:
+                return self._send_over_link(node, message)
             return bool(super().send(node, message))
 
     def _onMessageReceived(self, node: Any, message: Any) -> None:
+        if self._link is not None and self._link(str(node.id)) is None:
+            self.dropped_cut_in += 1
+            return
         super()._onMessageReceived(node, message)
         kept = self._journal.settle()
         if kept:
@@ -162,12 +202,130 @@ class _DurableTransport(TCPTransport):  # type: ignore[misc]
 
     def flush(self) -> None:
         self._journal.sync()  # the leader's own entries, before its next commit count
+        if self._link is not None:
+            self._flush_over_link()
+            return
         with self._outbox_lock:
             if not self._outbox:
                 return
             outbox, self._outbox = self._outbox, []
             for node, message in outbox:
                 super().send(node, message)
+
+    def destroy(self) -> None:
+        if self._waker is not None:
+            self._waker.stop()
+        super().destroy()
+
+    # -- fault injection (only with a link; caller holds _outbox_lock) ---------------
+
+    def _send_over_link(self, node: Any, message: Any) -> bool:
+        assert self._link is not None
+        delay = self._link(str(node.id))
+        if delay is None:
+            self.dropped_cut_out += 1
+            return True
+        held = self._delayed.get(node)
+        if delay <= 0 and not held:
+            return bool(super().send(node, message))
+        if self._delayed_count >= self.DELAYED_MAX:
+            self.dropped_overflow += 1
+            return True
+        due = time.monotonic() + max(delay, 0.0)
+        if held is None:
+            held = self._delayed[node] = collections.deque()
+        elif held and held[-1][0] > due:
+            due = held[-1][0]  # never overtake an earlier message to this peer
+        held.append((due, message))
+        self._delayed_count += 1
+        if self._waker is None:
+            self._waker = _Waker(self._syncObj)
+        self._waker.wake_at(due)
+        return True
+
+    def _flush_over_link(self) -> None:
+        with self._outbox_lock:
+            if self._outbox:
+                outbox, self._outbox = self._outbox, []
+                for node, message in outbox:
+                    self._send_over_link(node, message)
+            if self._delayed_count:
+                self._release_due()
+
+    def _release_due(self) -> None:
+        assert self._link is not None
+        now = time.monotonic()
+        next_due: float | None = None
+        for node, held in self._delayed.items():
+            while held and held[0][0] <= now:
+                _, message = held.popleft()
+                self._delayed_count -= 1
+                if self._link(str(node.id)) is None:
+                    self.dropped_cut_out += 1
+                else:
+                    super().send(node, message)
+            if held and (next_due is None or held[0][0] < next_due):
+                next_due = held[0][0]
+        if next_due is not None and self._waker is not None:
+            self._waker.wake_at(next_due)
+
+
+class _Waker:
+    """One daemon thread per faulty transport: at the earliest due time of a
+    held message it wakes pysyncobj's tick thread, which otherwise sleeps in
+    ``poll`` for up to the tick period. The wakeup is pysyncobj's own pipe
+    notifier (the one ``_applyCommand`` uses); where it does not exist, held
+    messages leave at the next tick instead. Only a weak reference to the
+    notifier is kept, so the thread never keeps a SyncObj alive; it exits on
+    ``stop`` or when the notifier is gone."""
+
+    _IDLE_CHECK_S = 1.0
+
+    def __init__(self, sync_obj: Any) -> None:
+        notifier = getattr(sync_obj, "_SyncObj__pipeNotifier", None)
+        self._notifier = None if notifier is None else weakref.ref(notifier)
+        self._cond = threading.Condition()
+        self._due: float | None = None
+        self._stopped = False
+        if self._notifier is not None:
+            threading.Thread(target=self._run, name="raft-fault-waker", daemon=True).start()
+
+    def wake_at(self, due: float) -> None:
+        """Wake the tick thread at ``due`` (time.monotonic) or earlier."""
+        if self._notifier is None:
+            return
+        with self._cond:
+            if self._due is None or due < self._due:
+                self._due = due
+                self._cond.notify()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+
+    def _run(self) -> None:
+        assert self._notifier is not None
+        while True:
+            with self._cond:
+                while not self._stopped:
+                    if self._due is None:
+                        self._cond.wait(self._IDLE_CHECK_S)
+                        if self._notifier() is None:
+                            return
+                        continue
+                    remaining = self._due - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._cond.wait(remaining)
+                if self._stopped:
+                    return
+                self._due = None
+            notifier = self._notifier()
+            if notifier is None:
+                return
+            with contextlib.suppress(OSError):  # a full pipe: a wakeup is pending anyway
+                notifier.notify()
 
 
 def reapply_membership(sync_obj: Any, kept: list[tuple[bytes, int, int]]) -> int:
@@ -284,7 +442,13 @@ class Replica:
         sync_fn: Callable[[int], None] = os.fdatasync,
         exit_fn: Callable[[int], None] = os._exit,
         apply_fn: ApplyFn = apply_entry,
+        link: Callable[[str], float | None] | None = None,
     ) -> None:
+        """``link``, for fault injection (DESIGN section 8): given a peer's Raft
+        address ``host:port``, ``None`` if the link to it is cut, else the one-way
+        delay in seconds. Called per message on the Raft thread (and again when a
+        held message is released), so it must be cheap, must not block and must
+        not raise; see ``_DurableTransport``."""
         self.shard_id = shard_id
         self._apply_fn = apply_fn
         self.directory = Path(directory)
@@ -305,8 +469,12 @@ class Replica:
         with _journals_lock:
             _pending_journals[journal_key] = self.journal
         conf = make_conf(self.settings, secret, journal_key, str(self._dump_path), self)
-        transport = functools.partial(_DurableTransport, journal=self.journal)
+        transport = functools.partial(_DurableTransport, journal=self.journal, link=link)
         self._group = _Group(self, self_address, peer_addresses, conf, transport)
+        # pysyncobj stops its tick thread once the thread that created the SyncObj
+        # exits. A node opens replicas from worker threads (which come and go), so
+        # tie the replica's life to the process's main thread instead.
+        self._group._SyncObj__mainThread = threading.main_thread()
 
     # -- the apply path (Raft thread) ------------------------------------------
 

@@ -26,7 +26,7 @@ import trio
 
 from raftkv.errors import InternalError, RaftKVError, Timeout
 from raftkv.replication.replica import Replica
-from raftkv.statemachine.commands import Barrier, Command, encode_commands
+from raftkv.statemachine.commands import Barrier, encode_commands
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ OnDone = Callable[[Any, RaftKVError | None], None]
 
 @dataclass(eq=False)
 class _Batch:
-    commands: list[Command] = field(default_factory=list)
+    commands: list[Any] = field(default_factory=list)
     waiters: list[OnDone] = field(default_factory=list)
     readers: list[OnDone] = field(default_factory=list)
     bytes: int = 0
@@ -45,9 +45,11 @@ class _Batch:
 
 class Proposer:
     def __init__(self, replica: Replica, trio_token: trio.lowlevel.TrioToken, *,
+                 encode: Callable[[list[Any]], bytes] = encode_commands,
                  in_flight_max: int = 2, batch_commands_max: int = 2048,
                  batch_bytes_max: int = 4 * 1024 * 1024, timeout_s: float = 10.0) -> None:
         self.replica = replica
+        self._encode = encode
         self.timeout_s = timeout_s
         self._in_flight_batches: set[_Batch] = set()
         self._token = trio_token
@@ -59,7 +61,7 @@ class Proposer:
         self.entries_proposed = 0
         self.commands_proposed = 0
 
-    def propose(self, command: Command, on_done: OnDone, size_bytes: int = 0) -> None:
+    def propose(self, command: Any, on_done: OnDone, size_bytes: int = 0) -> None:
         """Replicate one command; ``on_done(apply result, None)`` or ``(None, error)``."""
         batch = self._pending
         batch.commands.append(command)
@@ -87,7 +89,7 @@ class Proposer:
         self._pending = _Batch()
         batch.proposed_at = trio.current_time()
         self._in_flight_batches.add(batch)
-        commands = list(batch.commands)
+        commands: list[Any] = list(batch.commands)
         if batch.readers:
             commands.append(Barrier())
         self._in_flight += 1
@@ -98,19 +100,25 @@ class Proposer:
             # Raft thread (or this thread, for an immediate refusal).
             self._token.run_sync_soon(self._complete, batch, results, error)
 
-        self.replica.submit(encode_commands(commands), on_done)
+        self.replica.submit(self._encode(commands), on_done)
 
-    async def expire_stale_batches(self) -> None:
-        """Fail the waiters of entries that got no answer within ``timeout_s``
-        (one timer for all requests, instead of a cancel scope per request).
-        Their outcome is unknown: the entry may still commit."""
-        while True:
-            await trio.sleep(min(1.0, self.timeout_s / 4))
-            now = trio.current_time()
-            for batch in [b for b in self._in_flight_batches
-                          if now - b.proposed_at > self.timeout_s]:
-                self._complete(batch, None, Timeout(
-                    f"no commit within {self.timeout_s} s; the write may still take effect"))
+    def expire_stale(self) -> None:
+        """Fail the waiters of entries that got no answer within ``timeout_s``;
+        the node calls this about once a second (one timer for all requests,
+        instead of a cancel scope per request). Their outcome is unknown: the
+        entry may still commit."""
+        self.expire(trio.current_time() - self.timeout_s, Timeout(
+            f"no commit within {self.timeout_s} s; the write may still take effect"))
+
+    def expire(self, proposed_before: float, error: RaftKVError) -> None:
+        """Fail the waiters of every entry proposed before ``proposed_before``
+        (``math.inf``: all, when the replica is closed)."""
+        for batch in [b for b in self._in_flight_batches if b.proposed_at < proposed_before]:
+            self._complete(batch, None, error)
+        if proposed_before == float("inf"):
+            for on_done in self._pending.waiters + self._pending.readers:
+                self._call(on_done, None, error)
+            self._pending = _Batch()
 
     def _complete(self, batch: _Batch, results: Any, error: RaftKVError | None) -> None:
         if batch.done:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from integration_support import print_logs, shutdown_cluster
@@ -28,17 +29,19 @@ ClusterFactory = Callable[..., LocalCluster]
 
 @pytest.fixture
 def make_cluster(tmp_path: Path) -> Iterator[ClusterFactory]:
-    """``make_cluster(raft=RaftSettings(...), nodes=3, start=True)`` -> LocalCluster.
+    """``make_cluster(raft=RaftSettings(...), start=True, **layout)`` -> LocalCluster;
+    ``layout`` goes to ``localcluster.make_config`` (dcs, nodes_per_dc,
+    physical_shards, hosts, ...).
 
     Each call makes a new cluster directory under ``tmp_path``; all of them are
     stopped at teardown.
     """
     clusters: list[LocalCluster] = []
 
-    def factory(raft: RaftSettings | None = None, nodes: int = 3, start: bool = True,
-                name: str | None = None) -> LocalCluster:
+    def factory(raft: RaftSettings | None = None, start: bool = True,
+                name: str | None = None, **layout: Any) -> LocalCluster:
         directory = tmp_path / (name or f"cluster{len(clusters)}")
-        cluster = LocalCluster.create(directory, nodes=nodes, raft=raft or DEFAULT_TEST_RAFT)
+        cluster = LocalCluster.create(directory, raft=raft or DEFAULT_TEST_RAFT, **layout)
         clusters.append(cluster)
         if start:
             cluster.start(timeout_s=30.0)
@@ -54,5 +57,6 @@ def make_cluster(tmp_path: Path) -> Iterator[ClusterFactory]:
 
 @pytest.fixture
 def cluster(make_cluster: ClusterFactory) -> LocalCluster:
-    """A started 3-node cluster with default settings."""
+    """A started cluster: 3 shard manager replicas, 3 nodes in 3 DCs, one
+    physical shard of keyspace ``default``."""
     return make_cluster()

@@ -14,10 +14,13 @@ import trio
 
 from raftkv.localcluster import LocalCluster
 
+SHARD = 1
+"""The physical shard of a test cluster with one (shard ids start at 1)."""
+
 
 def _kill_everything(cluster: LocalCluster) -> None:
     pids: set[int] = set()
-    for node_id in cluster.node_ids:
+    for node_id in cluster.process_ids:
         pid = cluster.pid(node_id)
         if pid is not None:
             pids.add(pid)
@@ -36,7 +39,7 @@ def _kill_everything(cluster: LocalCluster) -> None:
 def shutdown_cluster(cluster: LocalCluster) -> None:
     """Stop every node of ``cluster``; never raises, never leaves a process."""
     try:
-        for node_id in cluster.node_ids:
+        for node_id in cluster.process_ids:
             cluster.resume_node(node_id)  # a paused node cannot handle SIGTERM
         cluster.stop()
     except Exception as exc:  # still kill below
@@ -46,7 +49,7 @@ def shutdown_cluster(cluster: LocalCluster) -> None:
 
 
 def print_logs(cluster: LocalCluster, lines: int = 40) -> None:
-    for node_id in cluster.node_ids:
+    for node_id in cluster.process_ids:
         path = cluster.node_dir(node_id) / "node.log"
         with contextlib.suppress(OSError):
             tail = path.read_text(errors="replace").splitlines()[-lines:]
@@ -61,12 +64,12 @@ async def in_thread(fn: Callable[..., Any], *args: Any) -> Any:
 
 
 async def wait_leader(cluster: LocalCluster, timeout_s: float = 15.0,
-                      exclude: str | None = None) -> str:
-    """The node id of shard 0's leader (not ``exclude``), waiting for one."""
+                      exclude: str | None = None, shard: int = SHARD) -> str:
+    """The node id of ``shard``'s leader (not ``exclude``), waiting for one."""
     with trio.fail_after(timeout_s):
         while True:
             leaders = await in_thread(cluster.leaders)
-            leader = leaders.get(0)
+            leader = leaders.get(shard)
             if leader is not None and leader != exclude:
                 return leader
             await trio.sleep(0.05)
@@ -132,3 +135,17 @@ class RawConnection:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+
+async def local_values(cluster: LocalCluster, node_id: str, keys: list[bytes],
+                       shard: int = SHARD) -> list[bytes | None]:
+    """What ``node_id``'s own replica of ``shard`` holds for ``keys`` (eventual
+    reads sent to that node alone)."""
+    async with await RawConnection.open(cluster.address(node_id)) as conn:
+        values = []
+        for i, key in enumerate(keys):
+            reply = await conn.request({"id": i, "op": "get", "shard": shard, "key": key,
+                                        "cons": "eventual"})
+            assert "ok" in reply, reply
+            values.append(reply["ok"]["value"])
+        return values

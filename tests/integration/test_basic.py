@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import trio
+from integration_support import SHARD, RawConnection, wait_leader
 
 from raftkv.client import open_client
-from raftkv.errors import BadRequest, PreconditionFailed, TooLarge
+from raftkv.errors import BadRequest, PreconditionFailed, TooLarge, UnknownKeyspace
 from raftkv.localcluster import LocalCluster
 from raftkv.protocol.messages import DEFAULT_LIMITS, CasOp, DeleteOp, PutOp
 
@@ -61,50 +62,69 @@ async def test_cas(cluster: LocalCluster) -> None:
 
 async def test_batch_applies_all_ops(cluster: LocalCluster) -> None:
     async with open_client(cluster.client_addresses()) as kv:
-        await kv.put("b-del", "x")
-        await kv.put("b-cas", "old")
+        await kv.put("{t}b-del", "x")
+        await kv.put("{t}b-cas", "old")
         result = await kv.batch([
-            PutOp(b"b-put", b"p"),
-            DeleteOp(b"b-del"),
-            CasOp(b"b-cas", b"old", b"new"),
-            CasOp(b"b-new", None, b"created"),
-            DeleteOp(b"b-never"),
+            PutOp(b"{t}b-put", b"p"),
+            DeleteOp(b"{t}b-del"),
+            CasOp(b"{t}b-cas", b"old", b"new"),
+            CasOp(b"{t}b-new", None, b"created"),
+            DeleteOp(b"{t}b-never"),
         ])
         assert result.results == [None, True, True, True, False]
-        assert await kv.get("b-put") == b"p"
-        assert await kv.get("b-del") is None
-        assert await kv.get("b-cas") == b"new"
-        assert await kv.get("b-new") == b"created"
+        assert await kv.get("{t}b-put") == b"p"
+        assert await kv.get("{t}b-del") is None
+        assert await kv.get("{t}b-cas") == b"new"
+        assert await kv.get("{t}b-new") == b"created"
 
         # Later ops of a batch see the effects of earlier ones.
-        result = await kv.batch([PutOp(b"seq", b"1"), DeleteOp(b"seq"), PutOp(b"seq2", b"2")])
+        result = await kv.batch(
+            [PutOp(b"{t}seq", b"1"), DeleteOp(b"{t}seq"), PutOp(b"{t}seq2", b"2")])
         assert result.results == [None, True, None]
-        assert await kv.get("seq") is None
-        assert await kv.get("seq2") == b"2"
+        assert await kv.get("{t}seq") is None
+        assert await kv.get("{t}seq2") == b"2"
 
 
 async def test_batch_with_failing_cas_changes_nothing(cluster: LocalCluster) -> None:
     async with open_client(cluster.client_addresses()) as kv:
-        await kv.put("a", "a0")
-        await kv.put("guard", "g0")
+        await kv.put("{t}a", "a0")
+        await kv.put("{t}guard", "g0")
         with pytest.raises(PreconditionFailed) as info:
             await kv.batch([
-                PutOp(b"a", b"a1"),
-                DeleteOp(b"guard-delete-me"),
-                PutOp(b"fresh", b"f"),
-                CasOp(b"guard", b"wrong", b"g1"),
-                PutOp(b"after", b"x"),
+                PutOp(b"{t}a", b"a1"),
+                DeleteOp(b"{t}guard-delete-me"),
+                PutOp(b"{t}fresh", b"f"),
+                CasOp(b"{t}guard", b"wrong", b"g1"),
+                PutOp(b"{t}after", b"x"),
             ])
         assert info.value.details["op"] == 3
         assert info.value.details["current"] == b"g0"
-        assert await kv.get("a") == b"a0"
-        assert await kv.get("fresh") is None
-        assert await kv.get("after") is None
-        assert await kv.get("guard") == b"g0"
+        assert await kv.get("{t}a") == b"a0"
+        assert await kv.get("{t}fresh") is None
+        assert await kv.get("{t}after") is None
+        assert await kv.get("{t}guard") == b"g0"
         # The failed batch did not burn the client: the next write works.
-        await kv.batch([PutOp(b"a", b"a2"), CasOp(b"guard", b"g0", b"g2")])
-        assert await kv.get("a") == b"a2"
-        assert await kv.get("guard") == b"g2"
+        await kv.batch([PutOp(b"{t}a", b"a2"), CasOp(b"{t}guard", b"g0", b"g2")])
+        assert await kv.get("{t}a") == b"a2"
+        assert await kv.get("{t}guard") == b"g2"
+
+
+async def test_a_batch_across_logical_shards_is_refused(cluster: LocalCluster) -> None:
+    """A batch is atomic within one logical shard (the unit that moves between
+    groups); keys without a shared hash tag are refused before anything happens."""
+    async with open_client(cluster.client_addresses()) as kv:
+        smap = await kv.shard_map()
+        assert smap.logical_shard("default", b"x1") != smap.logical_shard("default", b"x2")
+        with pytest.raises(BadRequest, match="hash tag"):
+            await kv.batch([PutOp(b"x1", b"1"), PutOp(b"x2", b"2")])
+        assert await kv.get("x1") is None
+    async with await RawConnection.open(cluster.address(await wait_leader(cluster))) as conn:
+        reply = await conn.request({"id": 1, "op": "batch", "shard": SHARD, "cid": b"c" * 16,
+                                    "seq": 1, "ack": 0, "ops": [
+                                        {"op": "put", "key": b"x1", "value": b"1"},
+                                        {"op": "put", "key": b"x2", "value": b"2"}]})
+        assert reply["err"]["code"] == "BAD_REQUEST", reply
+        assert "hash tag" in reply["err"]["msg"]
 
 
 async def test_binary_keys_and_values(cluster: LocalCluster) -> None:
@@ -161,15 +181,15 @@ async def test_value_size_limit(cluster: LocalCluster) -> None:
             await kv.put(b"k" * (key_limit + 1), b"v")
 
 
-async def test_unknown_keyspace_is_bad_request(cluster: LocalCluster) -> None:
+async def test_unknown_keyspace_is_refused(cluster: LocalCluster) -> None:
     async with open_client(cluster.client_addresses(), keyspace="no-such-keyspace") as kv:
-        with pytest.raises(BadRequest) as info:
+        with pytest.raises(UnknownKeyspace) as info:
             await kv.put("k", "v")
         assert info.value.definite
         assert "no-such-keyspace" in info.value.message
-        with pytest.raises(BadRequest):
+        with pytest.raises(UnknownKeyspace):
             await kv.get("k")
-        with pytest.raises(BadRequest):
+        with pytest.raises(UnknownKeyspace):
             await kv.cas("k", None, "v")
     async with open_client(cluster.client_addresses()) as kv:
         assert await kv.get("k") is None

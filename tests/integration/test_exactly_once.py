@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import trio
-from integration_support import RawConnection, in_thread, wait_leader
+from integration_support import SHARD, RawConnection, in_thread, wait_leader
 
 from raftkv.client import open_client
 from raftkv.localcluster import LocalCluster
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.integration
 
 
 def write(op: str, key: bytes, cid: bytes, seq: int, ack: int = 0, **fields: Any) -> dict:
-    return {"id": seq, "op": op, "shard": 0, "key": key, "cid": cid, "seq": seq, "ack": ack,
+    return {"id": seq, "op": op, "shard": SHARD, "key": key, "cid": cid, "seq": seq, "ack": ack,
             **fields}
 
 
@@ -51,52 +51,52 @@ async def test_retried_put_and_cas_apply_once(cluster: LocalCluster) -> None:
     leader = await wait_leader(cluster)
     cid = os.urandom(16)
     async with await RawConnection.open(cluster.address(leader)) as conn:
-        first = await conn.request(write("put", b"p", cid, 1, value=b"v1"))
+        first = await conn.request(write("put", b"{t}p", cid, 1, value=b"v1"))
         assert "ok" in first, first
-        again = await conn.request(write("put", b"p", cid, 1, value=b"v1"))
+        again = await conn.request(write("put", b"{t}p", cid, 1, value=b"v1"))
         assert again == first
 
         # A later write by the same client, then a late retry of seq 1: the
         # retry answers the stored result and does not overwrite the newer value.
-        later = await conn.request(write("put", b"p", cid, 2, value=b"v2"))
+        later = await conn.request(write("put", b"{t}p", cid, 2, value=b"v2"))
         assert later["ok"]["index"] > first["ok"]["index"]
-        late_retry = await conn.request(write("put", b"p", cid, 1, value=b"v1"))
+        late_retry = await conn.request(write("put", b"{t}p", cid, 1, value=b"v1"))
         assert late_retry == first
-        assert await read(cluster, b"p") == b"v2"
+        assert await read(cluster, b"{t}p") == b"v2"
 
         # cas increments: counter 0 -> 1 with seq 3, retried twice.
-        created = await conn.request(write("cas", b"counter", cid, 3, expect=None, value=b"0"))
+        created = await conn.request(write("cas", b"{t}counter", cid, 3, expect=None, value=b"0"))
         assert created["ok"]["results"] == [True], created
-        incr = write("cas", b"counter", cid, 4, expect=b"0", value=b"1")
+        incr = write("cas", b"{t}counter", cid, 4, expect=b"0", value=b"1")
         incr_reply = await conn.request(dict(incr))
         assert incr_reply["ok"]["results"] == [True], incr_reply
         for _ in range(2):
             assert await conn.request(dict(incr)) == incr_reply  # same index, same success
-        assert await read(cluster, b"counter") == b"1"
+        assert await read(cluster, b"{t}counter") == b"1"
 
         # A retried batch with puts and a cas applies once.
-        batch = {"id": 5, "op": "batch", "shard": 0, "cid": cid, "seq": 5, "ack": 0, "ops": [
-            {"op": "cas", "key": b"counter", "expect": b"1", "value": b"2"},
-            {"op": "put", "key": b"p", "value": b"from-batch"},
+        batch = {"id": 5, "op": "batch", "shard": SHARD, "cid": cid, "seq": 5, "ack": 0, "ops": [
+            {"op": "cas", "key": b"{t}counter", "expect": b"1", "value": b"2"},
+            {"op": "put", "key": b"{t}p", "value": b"from-batch"},
         ]}
         batch_reply = await conn.request(dict(batch))
         assert batch_reply["ok"]["results"] == [True, None], batch_reply
-        await conn.request(write("put", b"p", cid, 6, value=b"after-batch"))
+        await conn.request(write("put", b"{t}p", cid, 6, value=b"after-batch"))
         assert await conn.request(dict(batch)) == batch_reply
-        assert await read(cluster, b"counter") == b"2"
-        assert await read(cluster, b"p") == b"after-batch"
+        assert await read(cluster, b"{t}counter") == b"2"
+        assert await read(cluster, b"{t}p") == b"after-batch"
 
         # A cas that failed its precondition: the retry fails the same way and
         # still changes nothing.
-        failing = write("cas", b"counter", cid, 7, expect=b"0", value=b"100")
+        failing = write("cas", b"{t}counter", cid, 7, expect=b"0", value=b"100")
         fail_reply = await conn.request(dict(failing))
         assert fail_reply["err"]["code"] == "PRECONDITION_FAILED", fail_reply
         assert fail_reply["err"]["current"] == b"2"
-        await conn.request(write("put", b"counter", cid, 8, value=b"0"))
+        await conn.request(write("put", b"{t}counter", cid, 8, value=b"0"))
         retry = await conn.request(dict(failing))
         assert retry["err"]["code"] == "PRECONDITION_FAILED", retry
         assert retry["err"]["index"] == fail_reply["err"]["index"]
-        assert await read(cluster, b"counter") == b"0"
+        assert await read(cluster, b"{t}counter") == b"0"
 
         # Another client with the same seq numbers is independent.
         other = os.urandom(16)

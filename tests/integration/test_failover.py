@@ -8,7 +8,7 @@ import time
 
 import pytest
 import trio
-from integration_support import RawConnection, in_thread, wait_leader
+from integration_support import SHARD, RawConnection, in_thread, local_values, wait_leader
 
 from raftkv.client import AsyncClient, open_client
 from raftkv.errors import PreconditionFailed, RaftKVError
@@ -121,9 +121,8 @@ async def test_kill_leader_under_load(cluster: LocalCluster) -> None:
         leader_status = (await in_thread(cluster.statuses))[await wait_leader(cluster)]
         commit = leader_status["shards"][0]["commit_index"]
         await wait_caught_up(cluster, old_leader, commit)
-    async with open_client([cluster.address(old_leader)]) as local:
-        for key, value in ledger.acked.items():
-            assert await local.get(key, consistency="eventual") == value, key
+    keys = list(ledger.acked)
+    assert await local_values(cluster, old_leader, keys) == [ledger.acked[k] for k in keys]
 
 
 async def write_keys(kv: AsyncClient, prefix: str, count: int, ledger: Ledger) -> None:
@@ -257,23 +256,22 @@ async def test_paused_old_leader_serves_no_stale_reads(cluster: LocalCluster) ->
     a write must, once resumed, neither answer a strong read with the old value
     nor acknowledge a cas that expects the old value."""
     old_leader = await wait_leader(cluster)
-    others = [n for n in cluster.node_ids if n != old_leader]
     async with open_client(cluster.client_addresses()) as kv:
         await kv.put("k", "old")
 
     await in_thread(cluster.pause_node, old_leader)
     try:
-        async with open_client([cluster.address(n) for n in others]) as kv:
+        async with open_client(cluster.client_addresses(), request_timeout_s=1.0) as kv:
             await kv.put("k", "new")  # needs the new leader: the old one is frozen
             assert await kv.get("k") == b"new"
         cid = os.urandom(16)
         conn = await RawConnection.open(cluster.address(old_leader))
         # Queue the requests while the node is frozen; it reads them on resume,
         # possibly still believing it leads.
-        await conn.send({"id": 1, "op": "get", "shard": 0, "key": b"k"})
-        await conn.send({"id": 2, "op": "cas", "shard": 0, "key": b"k", "expect": b"old",
+        await conn.send({"id": 1, "op": "get", "shard": SHARD, "key": b"k"})
+        await conn.send({"id": 2, "op": "cas", "shard": SHARD, "key": b"k", "expect": b"old",
                          "value": b"stale-write", "cid": cid, "seq": 1, "ack": 0})
-        await conn.send({"id": 3, "op": "get", "shard": 0, "key": b"k", "cons": "eventual"})
+        await conn.send({"id": 3, "op": "get", "shard": SHARD, "key": b"k", "cons": "eventual"})
     finally:
         await in_thread(cluster.resume_node, old_leader)
     replies = {}

@@ -13,7 +13,7 @@ from typing import Any
 import cbor2
 import pytest
 import trio
-from integration_support import RawConnection, in_thread, wait_leader
+from integration_support import SHARD, RawConnection, in_thread, wait_leader
 
 from raftkv.client import open_client
 from raftkv.localcluster import LocalCluster
@@ -30,15 +30,15 @@ def frame(body: bytes) -> bytes:
 
 
 class Bystander:
-    """A well-behaved client doing put/get on the node throughout the test."""
+    """A well-behaved client doing put/get on the leader throughout the test."""
 
     def __init__(self) -> None:
         self.ops = 0
         self.failure: BaseException | None = None
 
-    async def run(self, address: str, stop: trio.Event) -> None:
+    async def run(self, managers: list[str], stop: trio.Event) -> None:
         try:
-            async with open_client([address], retry_budget_s=10.0) as kv:
+            async with open_client(managers, retry_budget_s=10.0) as kv:
                 n = 0
                 while not stop.is_set():
                     key, value = f"bystander-{n % 50}", f"value-{n}".encode()
@@ -58,7 +58,8 @@ async def bystander_running(cluster: LocalCluster, node: str) -> AsyncIterator[B
     stop = trio.Event()
     pid = cluster.pid(node)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(bystander.run, cluster.address(node), stop)
+        # The cluster's one shard is led by ``node``: the bystander's ops go there.
+        nursery.start_soon(bystander.run, cluster.client_addresses(), stop)
         with trio.fail_after(10):
             while bystander.ops < 5:
                 await trio.sleep(0.01)
@@ -90,7 +91,7 @@ async def assert_usable(conn: RawConnection, request_id: int = 4242) -> None:
 
 
 def put_msg(request_id: int = 1, **overrides: Any) -> dict[str, Any]:
-    msg = {"id": request_id, "op": "put", "shard": 0, "key": b"k", "value": b"v",
+    msg = {"id": request_id, "op": "put", "shard": SHARD, "key": b"k", "value": b"v",
            "cid": os.urandom(16), "seq": 1, "ack": 0}
     msg.update(overrides)
     return msg
@@ -139,10 +140,10 @@ async def test_bad_requests_get_error_replies(cluster: LocalCluster) -> None:
                 "value": put_msg(24, value=[b"v"]),
                 "cid": put_msg(25, cid=b"short"),
                 "ks": put_msg(26, ks=7),
-                "ops": {"id": 27, "op": "batch", "shard": 0, "ops": "not a list",
+                "ops": {"id": 27, "op": "batch", "shard": SHARD, "ops": "not a list",
                         "cid": os.urandom(16), "seq": 1, "ack": 0},
-                "cons": {"id": 28, "op": "get", "shard": 0, "key": b"k", "cons": "maybe"},
-                "expect": {"id": 29, "op": "cas", "shard": 0, "key": b"k", "value": b"v",
+                "cons": {"id": 28, "op": "get", "shard": SHARD, "key": b"k", "cons": "maybe"},
+                "expect": {"id": 29, "op": "cas", "shard": SHARD, "key": b"k", "value": b"v",
                            "cid": os.urandom(16), "seq": 1, "ack": 0},
             }
             for name, msg in bad_fields.items():
@@ -152,9 +153,9 @@ async def test_bad_requests_get_error_replies(cluster: LocalCluster) -> None:
             assert_error(reply, "BAD_REQUEST", 30, mentions="'ack'")
             reply = await conn.request(put_msg(31, key=b""))
             assert_error(reply, "BAD_REQUEST", 31, mentions="key")
-            reply = await conn.request({"id": 32, "op": "get", "shard": 0, "key": b"k",
+            reply = await conn.request({"id": 32, "op": "get", "shard": SHARD, "key": b"k",
                                         "ks": "no-such-keyspace"})
-            assert_error(reply, "BAD_REQUEST", 32, mentions="no-such-keyspace")
+            assert_error(reply, "WRONG_SHARD", 32, mentions="no-such-keyspace")
             reply = await conn.request({"id": 33, "op": "get", "shard": 99, "key": b"k"})
             assert_error(reply, "UNKNOWN_SHARD", 33)
 
@@ -166,13 +167,13 @@ async def test_bad_requests_get_error_replies(cluster: LocalCluster) -> None:
             assert_error(reply, "TOO_LARGE", 41)
             too_many = [{"op": "delete", "key": b"k%d" % i}
                         for i in range(DEFAULT_LIMITS.batch_ops_max + 1)]
-            reply = await conn.request({"id": 42, "op": "batch", "shard": 0, "ops": too_many,
+            reply = await conn.request({"id": 42, "op": "batch", "shard": SHARD, "ops": too_many,
                                         "cid": os.urandom(16), "seq": 1, "ack": 0})
             assert_error(reply, "TOO_LARGE", 42)
             await assert_usable(conn)
 
             # None of the refused writes took effect.
-            async with open_client([address]) as kv:
+            async with open_client(cluster.client_addresses()) as kv:
                 assert await kv.get("k") is None
 
             # Several requests in one send (and a bad one among them) are all answered.
@@ -224,7 +225,7 @@ async def test_broken_connections_do_not_disturb_the_node(cluster: LocalCluster)
         for data in (b"\x00\x00",
                      struct.pack(">I", 100) + b"\x00" * 10,
                      struct.pack(">I", FRAME_MAX) + b"\x01" * 1000,
-                     frame(cbor2.dumps({"id": 3, "op": "get", "shard": 0, "key": b"k"}))):
+                     frame(cbor2.dumps({"id": 3, "op": "get", "shard": SHARD, "key": b"k"}))):
             conn = await RawConnection.open(address)
             await conn.send_raw(data)
             await conn.aclose()

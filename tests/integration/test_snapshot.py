@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 import trio
-from integration_support import in_thread, wait_leader
+from integration_support import in_thread, local_values, wait_leader
 
 from raftkv.client import open_client
 from raftkv.localcluster import LocalCluster
@@ -21,7 +21,9 @@ BATCH_SIZE = 5
 
 
 def shard0(status: dict[str, Any] | None) -> dict[str, Any] | None:
-    return None if status is None else status["shards"][0]
+    """The node's replica of the one shard (None until the node has opened it)."""
+    shards = [] if status is None else status["shards"]
+    return shards[0] if shards else None
 
 
 async def wait_for(cluster: LocalCluster, node_id: str, check: Any, what: str,
@@ -56,15 +58,15 @@ async def test_lagging_follower_catches_up_by_snapshot(make_cluster: Any) -> Non
         for b in range(BATCHES):
             ops = []
             for i in range(BATCH_SIZE):
-                key, value = f"k{b}-{i}".encode(), f"v{b}-{i}".encode() * 10
+                key, value = f"{{t{b}}}k{b}-{i}".encode(), f"v{b}-{i}".encode() * 10
                 ops.append(PutOp(key, value))
                 expected[key] = value
             await kv.batch(ops)
         # Overwrites and deletes must reach the follower too.
-        await kv.put("k0-0", "overwritten")
-        expected[b"k0-0"] = b"overwritten"
-        assert await kv.delete("k0-1")
-        deleted = b"k0-1"
+        await kv.put("{t0}k0-0", "overwritten")
+        expected[b"{t0}k0-0"] = b"overwritten"
+        assert await kv.delete("{t0}k0-1")
+        deleted = b"{t0}k0-1"
         del expected[deleted]
 
     # Leadership may have moved meanwhile; take the leader's view now.
@@ -81,19 +83,15 @@ async def test_lagging_follower_catches_up_by_snapshot(make_cluster: Any) -> Non
         cluster, follower, lambda s: s["applied_index"] >= commit, "catch-up")
     assert caught_up["snapshots_installed"] >= 1, caught_up
 
-    async with open_client([cluster.address(follower)]) as local:
-        for key, value in expected.items():
-            assert await local.get(key, consistency="eventual") == value, key
-        assert await local.get(deleted, consistency="eventual") is None
+    keys = [*expected, deleted]
+    assert await local_values(cluster, follower, keys) == [*expected.values(), None]
 
     # The installed snapshot survives a crash of the follower.
     await in_thread(cluster.kill_node, follower)
     await in_thread(cluster.start_node, follower)
     await wait_for(cluster, follower, lambda s: s["applied_index"] >= commit, "recovery")
-    async with open_client([cluster.address(follower)]) as local:
-        for key, value in expected.items():
-            assert await local.get(key, consistency="eventual") == value, key
-        assert await local.get(deleted, consistency="eventual") is None
+    keys = [*expected, deleted]
+    assert await local_values(cluster, follower, keys) == [*expected.values(), None]
 
     # And the cluster still works with the other follower down: the restored
     # follower is now needed for a majority.

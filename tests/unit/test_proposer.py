@@ -63,10 +63,12 @@ async def test_a_stale_entry_times_out_once_and_a_late_answer_is_ignored() -> No
     proposer = Proposer(replica, trio.lowlevel.current_trio_token(), timeout_s=0.2)  # type: ignore[arg-type]
     got: list[tuple[Any, RaftKVError | None]] = []
     proposer.propose(write(1), lambda r, e: got.append((r, e)))
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(proposer.expire_stale_batches)
-        await trio.sleep(0.6)
-        nursery.cancel_scope.cancel()
+    await trio.sleep(0.1)
+    proposer.expire_stale()
+    assert got == []  # not stale yet
+    await trio.sleep(0.2)
+    proposer.expire_stale()
+    proposer.expire_stale()
     assert len(got) == 1 and isinstance(got[0][1], Timeout) and not got[0][1].definite
     replica.answer(0)  # the entry commits after all: nobody hears twice
     await trio.testing.wait_all_tasks_blocked()

@@ -1,0 +1,91 @@
+"""The shard manager group's state machine: a versioned document, changed by
+compare-and-set. Pure: the replica adapter supplies reads and writes.
+
+Log entries are cbor lists of commands:
+
+- ``["set", expected_version, state]``: replace the state (a ``ClusterState``
+  as json-like data) if the stored version is ``expected_version``. Result
+  ``{"i": index, "ok": bool, "version": stored version afterwards}``.
+- ``["b"]``: a read barrier (``{"i": index}``), for linearizable reads.
+
+The manager's leader computes every new state from its own (possibly stale)
+view; the compare-and-set refuses a proposal from a leader that missed a
+change, so two leaders can never both apply conflicting decisions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import cbor2
+
+from raftkv.statemachine import layout
+from raftkv.statemachine.apply import ApplyOutput, StateView
+from raftkv.statemachine.commands import Barrier, MalformedEntry
+from shardmgr.state import ClusterState
+
+STATE_KEY = b"m/state"
+
+
+@dataclass(frozen=True, slots=True)
+class SetState:
+    expected_version: int
+    state: ClusterState
+
+
+ManagerCommand = SetState | Barrier
+
+
+def encode_manager_commands(commands: list[Any]) -> bytes:
+    out: list[object] = []
+    for c in commands:
+        if isinstance(c, SetState):
+            out.append(["set", c.expected_version, c.state.to_json()])
+        else:
+            assert isinstance(c, Barrier), c
+            out.append(["b"])
+    return cbor2.dumps(out)
+
+
+def load_state(raw: bytes | None) -> ClusterState:
+    return ClusterState() if raw is None else ClusterState.from_json(cbor2.loads(raw))
+
+
+def manager_apply(view: StateView, index: int, payload: bytes) -> ApplyOutput:
+    out = ApplyOutput()
+    out.writes[layout.APPLIED_KEY] = layout.encode_index(index)
+    try:
+        commands = _decode(payload)
+    except Exception as exc:  # a malformed entry changes nothing but the index
+        out.error = f"malformed manager entry at index {index}: {exc!r}"
+        return out
+    results: list[Any] = []
+    version = load_state(view.get(STATE_KEY)).version
+    for command in commands:
+        if isinstance(command, Barrier):
+            results.append({"i": index})
+        elif command.expected_version == version and command.state.version > version:
+            out.writes[STATE_KEY] = cbor2.dumps(command.state.to_json())
+            version = command.state.version
+            results.append({"i": index, "ok": True, "version": version})
+        else:
+            results.append({"i": index, "ok": False, "version": version})
+    out.results = results
+    return out
+
+
+def _decode(payload: bytes) -> list[ManagerCommand]:
+    raw = cbor2.loads(payload)
+    if not isinstance(raw, list):
+        raise MalformedEntry("entry is not a list")
+    commands: list[ManagerCommand] = []
+    for item in raw:
+        if item == ["b"]:
+            commands.append(Barrier())
+        elif isinstance(item, list) and len(item) == 3 and item[0] == "set" and isinstance(
+                item[1], int):
+            commands.append(SetState(item[1], ClusterState.from_json(item[2])))
+        else:
+            raise MalformedEntry(f"unknown manager command {item!r}")
+    return commands

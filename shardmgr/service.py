@@ -1,0 +1,492 @@
+"""The shard manager process: one replica of the manager's Raft group, its RPCs,
+and, on the leader, the controller that carries decisions out.
+
+Requests (framed cbor, like the node's):
+
+=========== ==================================================================
+op          fields -> result
+=========== ==================================================================
+map         [after, wait_s] -> the client shard map; with ``after``, waits (up to
+            ``wait_s``) until the version is newer (long-poll watch). Any replica
+            answers from its applied state: a stale map is harmless.
+heartbeat   node {id, dc, host, client_port, raft_port_min, raft_port_max,
+            capacity}, leaders [shard ids], replicas [shard ids]
+            -> {version, assignment}. Leader only.
+ks_create   name, [logical_shards, replication_factor, physical_shards]
+ks_drop     name
+ks_list     -> keyspaces with their state
+cluster     -> the whole state plus the leader's view of liveness and leaders
+status      -> this replica's Raft status
+fault       spec -> sets this process's fault spec (links to other processes)
+ping
+=========== ==================================================================
+
+The controller (leader only, every ``CONTROL_PERIOD_S``): tells new groups
+which logical shards they own (``own``), has dropped keyspaces' groups delete
+their data (``drop``) and then forgets them, and moves leadership towards the
+placement's preferred leaders with Raft leadership transfer. Every change of
+state is computed from the committed state read behind a barrier and
+proposed as compare-and-set on its version (``shardmgr.machine``).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cbor2
+import trio
+
+from raftkv import config as configmod
+from raftkv.client.client import ConnectionPool
+from raftkv.errors import (
+    BadRequest,
+    NotLeader,
+    RaftKVError,
+    Unavailable,
+)
+from raftkv.faults import FaultSpec
+from raftkv.protocol.messages import DEFAULT_LIMITS
+from raftkv.replication.replica import Replica
+from raftkv.server.node import FaultLinks, load_faults, run_until_signalled
+from raftkv.server.proposer import OnDone, Proposer
+from raftkv.server.rpc import RpcServer
+from shardmgr import state as st
+from shardmgr.machine import STATE_KEY, SetState, encode_manager_commands, load_state, manager_apply
+from shardmgr.placement import (
+    DataCenterId,
+    Node,
+    NodeId,
+    PhysicalShardId,
+    Shard,
+    plan_placement,
+)
+
+log = logging.getLogger(__name__)
+
+CONTROL_PERIOD_S = 0.25
+NODE_DEAD_AFTER_S = 3.0
+LEADER_BALANCE_PERIOD_S = 2.0
+TRANSFER_RETRY_S = 5.0
+MAP_WAIT_S_MAX = 30.0
+DROP_CHUNK_KEYS = 2000
+REQUEST_TIMEOUT_S = 10.0
+STATE_POLL_S = 0.02
+
+
+@dataclass
+class ManagerRequest:
+    id: int
+    op: str
+    fields: dict[str, Any]
+
+
+def decode_manager_request(body: bytes) -> ManagerRequest:
+    try:
+        msg = cbor2.loads(body)
+    except Exception as exc:
+        raise BadRequest(f"frame is not valid cbor: {exc}") from exc
+    if not isinstance(msg, dict):
+        raise BadRequest("request must be a cbor map")
+    request_id = msg.get("id")
+    if isinstance(request_id, bool) or not isinstance(request_id, int) or request_id < 0:
+        raise BadRequest("request: field 'id' must be an unsigned integer")
+    op = msg.get("op")
+    if op not in _HANDLERS:
+        raise BadRequest(f"request {request_id}: unknown shard manager op {op!r}",
+                         request_id=request_id)
+    return ManagerRequest(request_id, op, msg)
+
+
+def _int(fields: dict[str, Any], name: str, default: int | None = None) -> int:
+    value = fields.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadRequest(f"field '{name}' must be an integer")
+    return value
+
+
+def _str(fields: dict[str, Any], name: str) -> str:
+    value = fields.get(name)
+    if not isinstance(value, str):
+        raise BadRequest(f"field '{name}' must be text")
+    return value
+
+
+class ManagerServer:
+    def __init__(self, cluster: configmod.ClusterConfig, secret: str, manager_id: str,
+                 data_dir: Path, faults: FaultSpec) -> None:
+        self.cluster = cluster
+        self.me = cluster.manager(manager_id)
+        self.data_dir = Path(data_dir)
+        self.secret = secret
+        self.links = FaultLinks(cluster, manager_id, faults)
+        self.replica: Replica | None = None
+        self.proposer: Proposer | None = None
+        self.state = st.ClusterState()
+        self._state_raw: bytes | None = None
+        self._state_changed = trio.Event()
+        self._client_of_raft = {m.raft_address: m.client_address for m in cluster.managers}
+        # The leader's soft state: who heartbeats, and what each node leads.
+        self.last_seen: dict[str, float] = {}
+        self.leaders_of: dict[str, set[int]] = {}
+        self._transfer_at: dict[int, float] = {}
+        self._leading_since: float | None = None
+        self.started_at = time.time()
+        self._rpc = RpcServer(decode_manager_request, self._dispatch,
+                              frame_bytes_max=DEFAULT_LIMITS.frame_bytes_max,
+                              drain_timeout_s=REQUEST_TIMEOUT_S)
+        self._nursery: trio.Nursery | None = None
+
+    def open(self) -> None:
+        peers = [m.raft_address for m in self.cluster.managers if m.id != self.me.id]
+        self.replica = Replica(0, self.data_dir / "manager", self.me.raft_address, peers,
+                               self.secret, settings=self.cluster.raft, apply_fn=manager_apply,
+                               link=self.links.delay_s)
+
+    def close(self) -> None:
+        if self.replica is not None:
+            self.replica.destroy()
+
+    async def serve(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        assert self.replica is not None
+        self.proposer = Proposer(self.replica, trio.lowlevel.current_trio_token(),
+                                 encode=encode_manager_commands, timeout_s=REQUEST_TIMEOUT_S)
+        listeners = await trio.open_tcp_listeners(self.me.client_port, host=self.me.host)
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._follow_state)
+            nursery.start_soon(self._control_loop)
+            task_status.started(listeners[0].socket.getsockname()[1])
+            await trio.serve_listeners(self._rpc.handle_connection, listeners)
+
+    # -- state -------------------------------------------------------------------
+
+    async def _follow_state(self) -> None:
+        """Keep ``self.state`` equal to this replica's applied state; wake watchers."""
+        assert self.replica is not None and self.proposer is not None
+        while True:
+            raw = self.replica.store.get(STATE_KEY)
+            if raw != self._state_raw:
+                self._state_raw = raw
+                self.state = load_state(raw)
+                self._state_changed.set()
+                self._state_changed = trio.Event()
+            if self.proposer is not None:
+                self.proposer.expire_stale()
+            await trio.sleep(STATE_POLL_S)
+
+    async def _await(self, submit: Callable[[OnDone], None]) -> Any:
+        done = trio.Event()
+        out: list[Any] = []
+
+        def on_done(result: Any, error: RaftKVError | None) -> None:
+            out.append((result, error))
+            done.set()
+
+        submit(on_done)
+        await done.wait()
+        result, error = out[0]
+        if error is not None:
+            raise error
+        return result
+
+    async def committed_state(self) -> st.ClusterState:
+        """The state with every entry committed before this call applied (leader)."""
+        assert self.proposer is not None and self.replica is not None
+        self._require_leader()
+        await self._await(self.proposer.barrier)
+        return load_state(self.replica.store.get(STATE_KEY))
+
+    async def change(self, fn: Callable[[st.ClusterState], st.ClusterState]) -> st.ClusterState:
+        """Apply ``fn`` to the committed state and commit the result (compare-
+        and-set on its version, retried on a conflict). StateError from ``fn``
+        propagates: nothing changed."""
+        assert self.proposer is not None
+        for _ in range(10):
+            current = await self.committed_state()
+            new = fn(current)
+            if new is current or new.version == current.version:
+                return current
+            command = SetState(current.version, new)
+            result = await self._await(functools.partial(self.proposer.propose, command))
+            if result.get("ok"):
+                return new
+        raise Unavailable("the shard manager state kept changing; try again")
+
+    # -- requests -------------------------------------------------------------------
+
+    def _require_leader(self) -> None:
+        assert self.replica is not None
+        if not self.replica.is_leader:
+            leader = self.replica.leader_address
+            raise NotLeader(f"shard manager {self.me.id} is not the leader",
+                            leader=None if leader is None else self._client_of_raft.get(leader))
+
+    def _dispatch(self, request: ManagerRequest, reply: OnDone) -> None:
+        handler = _HANDLERS[request.op]
+        assert self._nursery is not None
+
+        async def run() -> None:
+            try:
+                reply(await handler(self, request.fields), None)
+            except RaftKVError as exc:
+                reply(None, exc)
+            except st.StateError as exc:
+                reply(None, BadRequest(str(exc)))
+            except Exception as exc:
+                log.exception("manager request %r failed", request)
+                reply(None, Unavailable(f"{type(exc).__name__}: {exc}"))
+
+        self._nursery.start_soon(run)
+
+    async def _map(self, fields: dict[str, Any]) -> Any:
+        after = fields.get("after")
+        if after is not None:
+            wait_s = min(float(fields.get("wait_s", 10.0)), MAP_WAIT_S_MAX)
+            with trio.move_on_after(wait_s):
+                while self.state.version <= _int(fields, "after"):
+                    await self._state_changed.wait()
+        return self.state.client_map()
+
+    async def _heartbeat(self, fields: dict[str, Any]) -> Any:
+        self._require_leader()
+        raw = fields.get("node")
+        if not isinstance(raw, dict):
+            raise BadRequest("field 'node' must be a map")
+        try:
+            node = st.NodeInfo(**raw)
+        except TypeError as exc:
+            raise BadRequest(f"bad node description: {exc}") from exc
+        self.last_seen[node.id] = trio.current_time()
+        self.leaders_of[node.id] = {int(s) for s in fields.get("leaders", [])}
+        if self.state.nodes.get(node.id) != node:
+            await self.change(lambda s: st.register_node(s, node))
+        return {"version": self.state.version,
+                "assignment": [vars(a) for a in self.state.assignment(node.id)]}
+
+    def alive(self) -> set[str]:
+        now = trio.current_time()
+        return {n for n, t in self.last_seen.items() if now - t < NODE_DEAD_AFTER_S}
+
+    async def _ks_create(self, fields: dict[str, Any]) -> Any:
+        defaults = self.cluster.keyspace_defaults
+        name = _str(fields, "name")
+        alive = self.alive()
+        new = await self.change(lambda s: st.create_keyspace(
+            s, name,
+            logical_shards=_int(fields, "logical_shards", defaults.logical_shards),
+            replication_factor=_int(fields, "replication_factor", defaults.replication_factor),
+            physical_shards=_int(fields, "physical_shards", defaults.physical_shards),
+            alive=alive))
+        return _keyspace_json(new, new.keyspaces[name])
+
+    async def _ks_drop(self, fields: dict[str, Any]) -> Any:
+        name = _str(fields, "name")
+        new = await self.change(lambda s: st.drop_keyspace(s, name))
+        return _keyspace_json(new, new.keyspaces[name]) if name in new.keyspaces else None
+
+    async def _ks_list(self, fields: dict[str, Any]) -> Any:
+        state = await self.committed_state()
+        return [_keyspace_json(state, k) for k in sorted(state.keyspaces.values(),
+                                                         key=lambda k: k.name)]
+
+    async def _cluster(self, fields: dict[str, Any]) -> Any:
+        state = await self.committed_state()
+        now = trio.current_time()
+        return {
+            "state": state.to_json(),
+            "manager_leader": self.me.id,
+            "nodes": {n: {"alive": n in self.alive(),
+                          "last_heartbeat_s_ago": None if n not in self.last_seen
+                          else round(now - self.last_seen[n], 3),
+                          "leads": sorted(self.leaders_of.get(n, ()))}
+                      for n in state.nodes},
+        }
+
+    async def _status(self, fields: dict[str, Any]) -> Any:
+        replica = self.replica
+        assert replica is not None
+        leader = replica.leader_address
+        return {
+            "manager": self.me.id, "dc": self.me.dc, "pid": os.getpid(),
+            "client_address": self.me.client_address,
+            "role": "leader" if replica.is_leader else "follower",
+            "leader_client_address": None if leader is None else self._client_of_raft.get(
+                leader),
+            "term": replica.term, "commit_index": replica.commit_index,
+            "applied_index": replica.last_applied, "state_version": self.state.version,
+            "uptime_s": time.time() - self.started_at, "faults": self.links.spec.to_json(),
+        }
+
+    async def _fault(self, fields: dict[str, Any]) -> Any:
+        spec = fields.get("spec")
+        if not isinstance(spec, dict):
+            raise BadRequest("field 'spec' must be a map")
+        try:
+            self.links.set(FaultSpec.from_json(spec))
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise BadRequest(f"bad fault spec: {exc}") from exc
+        return self.links.spec.to_json()
+
+    async def _ping(self, fields: dict[str, Any]) -> Any:
+        return {"manager": self.me.id}
+
+    # -- the controller (leader only) ------------------------------------------------
+
+    async def _control_loop(self) -> None:
+        assert self.replica is not None
+        async with trio.open_nursery() as nursery:
+            pool = ConnectionPool(nursery, connect_timeout_s=1.0)
+            last_balance = 0.0
+            while True:
+                await trio.sleep(CONTROL_PERIOD_S)
+                if not self.replica.is_leader:
+                    self._leading_since = None
+                    continue
+                now = trio.current_time()
+                if self._leading_since is None:
+                    # A new leader knows nothing of liveness yet: wait one dead-node
+                    # period of heartbeats before judging (and balancing) anything.
+                    self._leading_since = now
+                    self.last_seen.clear()
+                    self.leaders_of.clear()
+                try:
+                    state = await self.committed_state()
+                    await self._tell_owners(pool, state)
+                    await self._purge_dropped(pool, state)
+                    if (now - self._leading_since > NODE_DEAD_AFTER_S
+                            and now - last_balance > LEADER_BALANCE_PERIOD_S):
+                        last_balance = now
+                        await self._balance_leaders(pool, state)
+                except RaftKVError as exc:
+                    log.info("controller round failed: %s", exc)
+
+    async def _group_request(self, pool: ConnectionPool, state: st.ClusterState,
+                             shard: st.ShardInfo, msg: dict[str, Any]) -> Any:
+        """A request to a group's leader, trying each replica (and leader hints)."""
+        addresses = [state.nodes[r.node].client_address for r in shard.replicas]
+        last: RaftKVError | None = None
+        for first in addresses:
+            address = first
+            for _ in range(2):
+                try:
+                    return await pool.request(address, {**msg, "shard": shard.id}, 5.0)
+                except NotLeader as exc:
+                    last = exc
+                    if exc.leader is None or exc.leader == address:
+                        break
+                    address = exc.leader
+                except RaftKVError as exc:
+                    last = exc
+                    break
+        raise last or Unavailable(f"shard {shard.id} has no replicas")
+
+    async def _tell_owners(self, pool: ConnectionPool, state: st.ClusterState) -> None:
+        pending = [s for s in state.shards.values()
+                   if not s.owned and state.keyspaces[s.keyspace].state != st.KEYSPACE_DROPPING]
+        if not pending:
+            return
+        done: list[int] = []
+
+        async def own(shard: st.ShardInfo) -> None:
+            ks = state.keyspaces[shard.keyspace]
+            try:
+                await self._group_request(pool, state, shard, {
+                    "op": "own", "ks": ks.name, "ks_id": ks.id, "L": ks.logical_shards,
+                    "ls": list(ks.logical_shards_of(shard.id))})
+                done.append(shard.id)
+            except RaftKVError as exc:
+                log.debug("own for shard %d not applied yet: %s", shard.id, exc)
+
+        async with trio.open_nursery() as nursery:
+            for shard in pending:
+                nursery.start_soon(own, shard)
+
+        def mark(s: st.ClusterState) -> st.ClusterState:
+            for shard_id in done:
+                s = st.mark_owned(s, shard_id)
+            return s
+
+        if done:
+            await self.change(mark)
+
+    async def _purge_dropped(self, pool: ConnectionPool, state: st.ClusterState) -> None:
+        for ks in [k for k in state.keyspaces.values() if k.state == st.KEYSPACE_DROPPING]:
+            shards = [s for s in state.shards.values() if s.keyspace == ks.name]
+            for shard in shards:
+                while True:
+                    result = await self._group_request(pool, state, shard, {
+                        "op": "drop", "ks": ks.name, "ks_id": ks.id, "n": DROP_CHUNK_KEYS})
+                    if not result.get("more"):
+                        break
+            await self.change(functools.partial(_remove_keyspace, name=ks.name))
+
+    async def _balance_leaders(self, pool: ConnectionPool, state: st.ClusterState) -> None:
+        alive = self.alive()
+        leader_of = {shard: node for node, shards in self.leaders_of.items() if node in alive
+                     for shard in shards}
+        nodes = [Node(NodeId(n.id), DataCenterId(n.dc), n.capacity, n.id in alive)
+                 for n in state.nodes.values()]
+        shards = [Shard(PhysicalShardId(s.id), len(s.replicas),
+                        tuple(NodeId(r.node) for r in s.replicas),
+                        NodeId(leader_of[s.id]) if s.id in leader_of else None)
+                  for s in state.shards.values() if s.owned]
+        if not shards:
+            return
+        plan = plan_placement(nodes, shards, concurrent_moves_per_node_max=1)
+        now = trio.current_time()
+        for target in plan.targets:
+            shard = state.shards[int(target.shard)]
+            current = leader_of.get(shard.id)
+            members = {r.node: r for r in shard.replicas}
+            if (current is None or target.leader is None or target.leader == current
+                    or target.leader not in members
+                    or now - self._transfer_at.get(shard.id, -1e9) < TRANSFER_RETRY_S):
+                continue
+            self._transfer_at[shard.id] = now
+            try:
+                await pool.request(state.nodes[current].client_address, {
+                    "op": "transfer", "shard": shard.id,
+                    "to": state.raft_address(members[target.leader])}, 2.0)
+                log.info("shard %d: leadership %s -> %s", shard.id, current, target.leader)
+            except RaftKVError as exc:
+                log.info("shard %d: transfer request failed: %s", shard.id, exc)
+
+
+def _remove_keyspace(state: st.ClusterState, name: str) -> st.ClusterState:
+    return st.remove_keyspace(state, name)
+
+
+def _keyspace_json(state: st.ClusterState, ks: st.KeyspaceInfo) -> dict[str, Any]:
+    return {"name": ks.name, "id": ks.id, "logical_shards": ks.logical_shards,
+            "replication_factor": ks.replication_factor, "state": ks.state,
+            "physical_shards": list(ks.shard_ids)}
+
+
+_HANDLERS: dict[str, Callable[[ManagerServer, dict[str, Any]], Any]] = {
+    "map": ManagerServer._map,
+    "heartbeat": ManagerServer._heartbeat,
+    "ks_create": ManagerServer._ks_create,
+    "ks_drop": ManagerServer._ks_drop,
+    "ks_list": ManagerServer._ks_list,
+    "cluster": ManagerServer._cluster,
+    "status": ManagerServer._status,
+    "fault": ManagerServer._fault,
+    "ping": ManagerServer._ping,
+}
+
+
+def run_manager(cluster_dir: Path, manager_id: str, data_dir: Path | None = None) -> None:
+    """Entry point of ``raftkv shardmgr``: runs until SIGTERM or SIGINT."""
+    cluster, secret = configmod.load(cluster_dir)
+    server = ManagerServer(cluster, secret, manager_id,
+                           Path(data_dir) if data_dir else Path(cluster_dir) / manager_id,
+                           load_faults(Path(cluster_dir), cluster))
+    server.open()
+    run_until_signalled(server.serve, server.close)

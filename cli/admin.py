@@ -65,8 +65,7 @@ def _field(record: dict[str, Any], name: str, line_no: int) -> bytes:
             return base64.b64decode(record[name + "_b64"], validate=True)
         except ValueError:
             pass
-    raise click.ClickException(f"line {line_no}: needs \"{name}\" as text (or "
-                               f"\"{name}_b64\" as base64)")
+    fail(f"line {line_no}: needs \"{name}\" as text (or \"{name}_b64\" as base64)", EXIT_USAGE)
 
 
 @click.group()
@@ -171,9 +170,9 @@ def import_(cluster_dir: Path, keyspace: str, file: Any) -> None:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise click.ClickException(f"line {line_no}: not JSON: {exc}") from exc
+            fail(f"line {line_no}: not JSON: {exc}", EXIT_USAGE)
         if not isinstance(record, dict):
-            raise click.ClickException(f"line {line_no}: not a JSON object")
+            fail(f"line {line_no}: not a JSON object", EXIT_USAGE)
         pairs.append((_field(record, "key", line_no), _field(record, "value", line_no)))
     started = time.monotonic()
     try:

@@ -293,9 +293,14 @@ def test_faults_held_messages_beyond_the_bound_are_dropped(
     leader = group.leader()
     commit(leader, 1, b"warm")
     group.net.spec = group.net.spec.with_latency(40)
+    # Six entries proposed at once: pysyncobj sends one append-entries per entry
+    # and follower, twelve messages in one tick.
+    results: list[tuple[Any, RaftKVError | None]] = []
     for seq in range(2, 8):
-        commit(leader, seq, b"k%d" % seq)
-    assert sum(transport_of(r).dropped_overflow for r in group.replicas) > 0
+        leader.submit(put_command(seq, b"k%d" % seq), lambda r, e: results.append((r, e)))
+    wait_for(lambda: len(results) == 6)
+    assert [e for _, e in results] == [None] * 6
+    assert transport_of(leader).dropped_overflow > 0
     assert all(transport_of(r)._delayed_count <= 4 for r in group.replicas)
     group.net.spec = group.net.spec.with_latency(0)
     commit(leader, 8, b"after")

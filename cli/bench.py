@@ -1,9 +1,11 @@
-"""``raftkv bench``: puts and strong gets at several client counts.
+"""``raftkv bench``: puts and strong gets at several client counts, against
+one physical shard and against several.
 
-Starts a fresh 3-node local cluster (each node in its own data center) under
-the given directory, runs each workload for ``duration_s`` per client count,
-prints a table and writes JSON. The load generator's CPU use is reported so a
-saturated generator is visible.
+For each physical-shard count, starts a fresh local cluster under the given
+directory (3 nodes, each in its own data center, plus the 3 shard manager
+replicas), waits until leadership is balanced, runs each workload for
+``duration_s`` per client count, prints a table and writes JSON. The load
+generator's CPU use is reported so a saturated generator is visible.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from raftkv_cli.workload import percentile, run_clients
 
 
 async def _measure(addresses: list[str], counts: list[int], duration_s: float,
-                   value_bytes: int) -> list[dict[str, Any]]:
+                   value_bytes: int, physical_shards: int) -> list[dict[str, Any]]:
     value = b"v" * value_bytes
     results = []
     async with open_client(addresses, request_timeout_s=10.0) as client:
@@ -41,7 +43,8 @@ async def _measure(addresses: list[str], counts: list[int], duration_s: float,
                 recorder, elapsed_s, cpu_used_s = await run_clients(client, clients, duration_s, op)
                 lat = recorder.latencies_s
                 results.append({
-                    "workload": name, "clients": clients, "ops": len(lat),
+                    "workload": name, "physical_shards": physical_shards,
+                    "clients": clients, "ops": len(lat),
                     "ops_per_s": round(len(lat) / elapsed_s, 1),
                     "p50_ms": round(percentile(lat, 0.50) * 1000, 3),
                     "p99_ms": round(percentile(lat, 0.99) * 1000, 3),
@@ -49,28 +52,46 @@ async def _measure(addresses: list[str], counts: list[int], duration_s: float,
                     "loadgen_cpu_pct": round(100 * cpu_used_s / elapsed_s, 1),
                 })
                 r = results[-1]
-                click.echo(f"{name:<4} {clients:>4} clients {r['ops_per_s']:>10.1f} ops/s  "
+                click.echo(f"{name:<4} {physical_shards:>2} shards {clients:>4} clients "
+                           f"{r['ops_per_s']:>10.1f} ops/s  "
                            f"p50 {r['p50_ms']:>7.2f} ms  p99 {r['p99_ms']:>7.2f} ms  "
                            f"errors {r['errors']}  loadgen cpu {r['loadgen_cpu_pct']}%")
     return results
 
 
+def _wait_balanced(cluster: LocalCluster, timeout_s: float = 20.0) -> dict[str, int]:
+    """Wait until no node leads more than its share of shards (rounded up)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        leaders = cluster.leaders()
+        counts = {n: list(leaders.values()).count(n) for n in cluster.node_ids}
+        share = -(-len(leaders) // len(cluster.node_ids))
+        if max(counts.values()) <= share or time.monotonic() > deadline:
+            return counts
+        time.sleep(0.5)
+
+
 def run_bench(cluster_dir: Path, counts: list[int], duration_s: float, value_bytes: int,
-              json_path: Path | None) -> int:
+              json_path: Path | None, physical_shards: list[int]) -> int:
     directory = Path(cluster_dir) / "bench"
-    if directory.exists():
-        old = LocalCluster(directory) if (directory / "cluster.json").exists() else None
-        if old is not None:
-            old.stop()
-        shutil.rmtree(directory)
-    cluster = LocalCluster.create(directory)
-    try:
-        cluster.start()
-        click.echo(f"raftkv bench: 3 nodes (dc1..dc3), 1 physical shard, {value_bytes}-byte "
-                   f"values, {duration_s} s per point")
-        results = trio.run(_measure, cluster.client_addresses(), counts, duration_s, value_bytes)
-    finally:
-        cluster.stop()
+    results: list[dict[str, Any]] = []
+    for shards in physical_shards:
+        if directory.exists():
+            old = LocalCluster(directory) if (directory / "cluster.json").exists() else None
+            if old is not None:
+                old.stop()
+            shutil.rmtree(directory)
+        cluster = LocalCluster.create(directory, physical_shards=shards)
+        try:
+            cluster.start()
+            leaders = _wait_balanced(cluster)
+            click.echo(f"raftkv bench: 3 nodes (dc1..dc3), {shards} physical shard(s), "
+                       f"leaders per node {leaders}, {value_bytes}-byte values, "
+                       f"{duration_s} s per point")
+            results += trio.run(_measure, cluster.client_addresses(), counts, duration_s,
+                                value_bytes, shards)
+        finally:
+            cluster.stop()
     report = {
         "target": "raftkv", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version()},

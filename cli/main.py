@@ -233,16 +233,27 @@ def demo(cluster_dir: Path | None, keys: int, clients: int, keep: bool) -> None:
 @click.option("--value-bytes", type=click.IntRange(1), default=100, show_default=True)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
               default=None, help="Write results as JSON here.")
+@click.option("--physical-shards", "shard_counts", default="1,8", show_default=True,
+              help="Comma-separated physical shard counts; a fresh cluster for each.")
 def bench(cluster_dir: Path, client_counts: str, duration_s: float, value_bytes: int,
-          json_path: Path | None) -> None:
-    """Puts and strong gets against a fresh local cluster at several client counts."""
+          json_path: Path | None, shard_counts: str) -> None:
+    """Puts and strong gets against fresh local clusters at several client counts."""
     from raftkv_cli.bench import run_bench
 
+    counts = _int_list(client_counts, "--clients")
+    shards = _int_list(shard_counts, "--physical-shards")
+    sys.exit(run_bench(cluster_dir, counts, duration_s, value_bytes, json_path, shards))
+
+
+def _int_list(text: str, option: str) -> list[int]:
     try:
-        counts = [int(c) for c in client_counts.split(",") if c.strip()]
+        values = [int(c) for c in text.split(",") if c.strip()]
     except ValueError:
-        raise click.BadParameter(f"not a list of integers: {client_counts!r}") from None
-    sys.exit(run_bench(cluster_dir, counts, duration_s, value_bytes, json_path))
+        raise click.BadParameter(f"not a list of integers: {text!r}",
+                                 param_hint=option) from None
+    if not values or min(values) < 1:
+        raise click.BadParameter("needs positive integers", param_hint=option)
+    return values
 
 
 register_admin(cli)

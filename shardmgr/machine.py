@@ -57,20 +57,20 @@ def manager_apply(view: StateView, index: int, payload: bytes) -> ApplyOutput:
     out.writes[layout.APPLIED_KEY] = layout.encode_index(index)
     try:
         commands = _decode(payload)
-    except Exception as exc:  # a malformed entry changes nothing but the index
-        out.error = f"malformed manager entry at index {index}: {exc!r}"
-        return out
-    results: list[Any] = []
-    version = load_state(view.get(STATE_KEY)).version
-    for command in commands:
-        if isinstance(command, Barrier):
-            results.append({"i": index})
-        elif command.expected_version == version and command.state.version > version:
-            out.writes[STATE_KEY] = cbor2.dumps(command.state.to_json())
-            version = command.state.version
-            results.append({"i": index, "ok": True, "version": version})
-        else:
-            results.append({"i": index, "ok": False, "version": version})
+        results: list[Any] = []
+        version = load_state(view.get(STATE_KEY)).version
+        for command in commands:
+            if isinstance(command, Barrier):
+                results.append({"i": index})
+            elif command.expected_version == version and command.state.version > version:
+                out.writes[STATE_KEY] = cbor2.dumps(command.state.to_json())
+                version = command.state.version
+                results.append({"i": index, "ok": True, "version": version})
+            else:
+                results.append({"i": index, "ok": False, "version": version})
+    except Exception as exc:  # a malformed entry (or state) changes nothing but the index
+        return ApplyOutput(writes={layout.APPLIED_KEY: layout.encode_index(index)},
+                           error=f"malformed manager entry at index {index}: {exc!r}")
     out.results = results
     return out
 
@@ -83,9 +83,15 @@ def _decode(payload: bytes) -> list[ManagerCommand]:
     for item in raw:
         if item == ["b"]:
             commands.append(Barrier())
-        elif isinstance(item, list) and len(item) == 3 and item[0] == "set" and isinstance(
-                item[1], int):
-            commands.append(SetState(item[1], ClusterState.from_json(item[2])))
+        elif isinstance(item, list) and len(item) == 3 and item[0] == "set" and _is_int(item[1]):
+            state = ClusterState.from_json(item[2])
+            if not _is_int(state.version):
+                raise MalformedEntry(f"state version {state.version!r} is not an integer")
+            commands.append(SetState(item[1], state))
         else:
             raise MalformedEntry(f"unknown manager command {item!r}")
     return commands
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from shardmgr.placement import (
@@ -33,7 +33,8 @@ from shardmgr.placement import (
 
 LOGICAL_SHARDS_MAX = 65536
 PHYSICAL_SHARDS_PER_KEYSPACE_MAX = 4096
-KEYSPACE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+KEYSPACE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+PORT_MAX = 65535
 
 KEYSPACE_CREATING = "creating"  # groups are being told which logical shards they own
 KEYSPACE_ACTIVE = "active"
@@ -158,15 +159,15 @@ class ClusterState:
     def to_json(self) -> dict[str, Any]:
         return {
             "version": self.version,
-            "nodes": [vars(n) for n in sorted(self.nodes.values(), key=lambda n: n.id)],
+            "nodes": [asdict(n) for n in sorted(self.nodes.values(), key=lambda n: n.id)],
             "keyspaces": [
-                {**vars(k), "logical_map": list(k.logical_map)}
+                {**asdict(k), "logical_map": list(k.logical_map)}
                 for k in sorted(self.keyspaces.values(), key=lambda k: k.name)
             ],
             "shards": [
                 {"id": s.id, "keyspace": s.keyspace, "owned": s.owned,
                  "created_version": s.created_version,
-                 "replicas": [vars(r) for r in s.replicas]}
+                 "replicas": [asdict(r) for r in s.replicas]}
                 for s in sorted(self.shards.values(), key=lambda s: s.id)
             ],
             "next_keyspace_id": self.next_keyspace_id,
@@ -198,9 +199,11 @@ def _bump(state: ClusterState, **changes: Any) -> ClusterState:
 
 def register_node(state: ClusterState, node: NodeInfo) -> ClusterState:
     """Add a node, or update its address; unchanged state if nothing differs."""
-    if node.raft_port_min > node.raft_port_max or node.raft_port_min < 1:
+    if not 1 <= node.raft_port_min <= node.raft_port_max <= PORT_MAX:
         raise StateError(f"node {node.id}: bad raft port range "
                          f"{node.raft_port_min}..{node.raft_port_max}")
+    if not 1 <= node.client_port <= PORT_MAX:
+        raise StateError(f"node {node.id}: bad client port {node.client_port}")
     if node.capacity < 1:
         raise StateError(f"node {node.id}: capacity must be at least 1")
     old = state.nodes.get(node.id)
@@ -220,7 +223,7 @@ def create_keyspace(state: ClusterState, name: str, *, logical_shards: int,
                     replication_factor: int, physical_shards: int,
                     alive: Iterable[str]) -> ClusterState:
     """A new keyspace on new physical shards placed over the live nodes."""
-    if not KEYSPACE_NAME.match(name):
+    if not KEYSPACE_NAME.fullmatch(name):
         raise StateError(f"bad keyspace name {name!r}: use 1-64 of A-Z a-z 0-9 _ . -")
     if name in state.keyspaces:
         raise StateError(f"keyspace {name!r} already exists")
@@ -269,7 +272,25 @@ def _place(state: ClusterState, live: list[str], new_ids: list[int],
     ]
     new = [Shard(PhysicalShardId(i), replication_factor) for i in new_ids]
     plan = plan_placement(nodes, existing + new, concurrent_moves_per_node_max=1 << 30)
-    return {i: tuple(str(n) for n in plan.target(PhysicalShardId(i)).replicas) for i in new_ids}
+    dc_of = {n.id: n.dc for n in state.nodes.values()}
+    placed = {i: [str(n) for n in plan.target(PhysicalShardId(i)).replicas] for i in new_ids}
+    # The plan balances the total per node, and may do it by moving existing
+    # replicas. Existing shards stay where they are, so each such move (a to b)
+    # is made by a new shard instead: one with a replica on a takes b in its
+    # place, if that keeps its data centers spread as the plan had them.
+    for shard in existing:
+        target = {str(n) for n in plan.target(shard.id).replicas}
+        current = {str(n) for n in shard.replicas}
+        for a, b in zip(sorted(current - target), sorted(target - current), strict=False):
+            for i in new_ids:
+                members = placed[i]
+                if a not in members or b in members:
+                    continue
+                moved = [b if n == a else n for n in members]
+                if len({dc_of[n] for n in moved}) >= len({dc_of[n] for n in members}):
+                    placed[i] = moved
+                    break
+    return {i: tuple(sorted(members)) for i, members in placed.items()}
 
 
 def _used_ports(state: ClusterState) -> dict[str, set[int]]:

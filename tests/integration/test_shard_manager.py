@@ -193,6 +193,7 @@ async def test_a_stale_map_is_redirected_and_never_writes_into_the_wrong_group(
         # the write lands in the owner, and the wrong group holds nothing.
         document = dict(smap.document)
         document["keyspaces"] = {"default": {**ks, "map": [second] * len(ks["map"])}}
+        document["version"] = smap.version - 1  # an older map, as a stale client has
         kv._map = ShardMap(document)
         refreshes = kv.map_refreshes
         await kv.put(key, b"routed")

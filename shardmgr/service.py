@@ -57,6 +57,7 @@ from raftkv.replication.replica import Replica
 from raftkv.server.node import FaultLinks, load_faults, run_until_signalled
 from raftkv.server.proposer import OnDone, Proposer
 from raftkv.server.rpc import RpcServer
+from raftkv.statemachine.apply import ApplyOutput, StateView
 from shardmgr import state as st
 from shardmgr.machine import STATE_KEY, SetState, encode_manager_commands, load_state, manager_apply
 from shardmgr.placement import (
@@ -77,7 +78,7 @@ TRANSFER_RETRY_S = 5.0
 MAP_WAIT_S_MAX = 30.0
 DROP_CHUNK_KEYS = 2000
 REQUEST_TIMEOUT_S = 10.0
-STATE_POLL_S = 0.02
+EXPIRE_PERIOD_S = 1.0
 
 
 @dataclass
@@ -142,11 +143,12 @@ class ManagerServer:
                               frame_bytes_max=DEFAULT_LIMITS.frame_bytes_max,
                               drain_timeout_s=REQUEST_TIMEOUT_S)
         self._nursery: trio.Nursery | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
 
     def open(self) -> None:
         peers = [m.raft_address for m in self.cluster.managers if m.id != self.me.id]
         self.replica = Replica(0, self.data_dir / "manager", self.me.raft_address, peers,
-                               self.secret, settings=self.cluster.raft, apply_fn=manager_apply,
+                               self.secret, settings=self.cluster.raft, apply_fn=self._apply,
                                link=self.links.delay_s)
 
     def close(self) -> None:
@@ -155,31 +157,46 @@ class ManagerServer:
 
     async def serve(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         assert self.replica is not None
-        self.proposer = Proposer(self.replica, trio.lowlevel.current_trio_token(),
+        self._token = trio.lowlevel.current_trio_token()
+        self.proposer = Proposer(self.replica, self._token,
                                  encode=encode_manager_commands, timeout_s=REQUEST_TIMEOUT_S)
+        # Notes from apply start now; the state applied before is in the store.
+        self._install_state(self.replica.store.get(STATE_KEY))
         listeners = await trio.open_tcp_listeners(self.me.client_port, host=self.me.host)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            nursery.start_soon(self._follow_state)
+            nursery.start_soon(self._expire_stale)
             nursery.start_soon(self._control_loop)
             task_status.started(listeners[0].socket.getsockname()[1])
             await trio.serve_listeners(self._rpc.handle_connection, listeners)
 
     # -- state -------------------------------------------------------------------
 
-    async def _follow_state(self) -> None:
-        """Keep ``self.state`` equal to this replica's applied state; wake watchers."""
-        assert self.replica is not None and self.proposer is not None
+    def _apply(self, view: StateView, index: int, payload: bytes) -> ApplyOutput:
+        """The state machine, plus a note to the trio side when the state
+        changed (so map watchers wake at once, without polling)."""
+        out = manager_apply(view, index, payload)
+        raw = out.writes.get(STATE_KEY)
+        token = self._token
+        if raw is not None and token is not None:
+            token.run_sync_soon(self._install_state, raw)
+        return out
+
+    def _install_state(self, raw: bytes | None) -> None:
+        if raw == self._state_raw:
+            return
+        state = load_state(raw)
+        if state.version < self.state.version:
+            return  # a late note about an older state
+        self._state_raw, self.state = raw, state
+        self._state_changed.set()
+        self._state_changed = trio.Event()
+
+    async def _expire_stale(self) -> None:
+        assert self.proposer is not None
         while True:
-            raw = self.replica.store.get(STATE_KEY)
-            if raw != self._state_raw:
-                self._state_raw = raw
-                self.state = load_state(raw)
-                self._state_changed.set()
-                self._state_changed = trio.Event()
-            if self.proposer is not None:
-                self.proposer.expire_stale()
-            await trio.sleep(STATE_POLL_S)
+            await trio.sleep(EXPIRE_PERIOD_S)
+            self.proposer.expire_stale()
 
     async def _await(self, submit: Callable[[OnDone], None]) -> Any:
         done = trio.Event()
@@ -357,9 +374,13 @@ class ManagerServer:
                     self.last_seen.clear()
                     self.leaders_of.clear()
                 try:
-                    state = await self.committed_state()
-                    await self._tell_owners(pool, state)
-                    await self._purge_dropped(pool, state)
+                    # The applied state says whether there is work; only then is
+                    # the committed state read (behind a barrier, a log entry).
+                    if _pending_work(self.state):
+                        state = await self.committed_state()
+                        await self._tell_owners(pool, state)
+                        await self._purge_dropped(pool, state)
+                    state = self.state
                     if (now - self._leading_since > NODE_DEAD_AFTER_S
                             and now - last_balance > LEADER_BALANCE_PERIOD_S):
                         last_balance = now
@@ -457,6 +478,12 @@ class ManagerServer:
                 log.info("shard %d: leadership %s -> %s", shard.id, current, target.leader)
             except RaftKVError as exc:
                 log.info("shard %d: transfer request failed: %s", shard.id, exc)
+
+
+def _pending_work(state: st.ClusterState) -> bool:
+    """Groups to tell what they own, or dropped keyspaces to purge."""
+    return any(not s.owned for s in state.shards.values()) or any(
+        k.state == st.KEYSPACE_DROPPING for k in state.keyspaces.values())
 
 
 def _remove_keyspace(state: st.ClusterState, name: str) -> st.ClusterState:

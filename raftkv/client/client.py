@@ -61,6 +61,7 @@ def _b(value: Bytesish) -> bytes:
 
 _RETRY_DEFINITE = (NotLeader, Unavailable, Overloaded, ShardMoving)
 WATCH_WAIT_S = 20.0
+MAP_REFRESH_ON_NO_LEADER_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -207,6 +208,7 @@ class AsyncClient:
         self._pool = ConnectionPool(nursery, connect_timeout_s)
         self._map: ShardMap | None = None
         self._map_fetch: trio.Event | None = None
+        self._map_fetched_at = -1e9
         self._watch = watch_map
         self._watching = False
         self._manager_leader: str | None = None
@@ -342,6 +344,7 @@ class AsyncClient:
                 finally:
                     self._map_fetch.set()
                     self._map_fetch = None
+                    self._map_fetched_at = trio.current_time()
                     self.map_refreshes += 1
         if self._watch and not self._watching:
             self._watching = True
@@ -448,6 +451,9 @@ class AsyncClient:
                     self._leaders[route.shard] = hint
                     continue  # a hint is worth one immediate retry
                 self._rotate(route.shard)
+                if trio.current_time() - self._map_fetched_at > MAP_REFRESH_ON_NO_LEADER_S:
+                    # No hint: maybe an election, maybe the replicas moved.
+                    await self.shard_map(refresh=True)
             except (WrongShard, UnknownShard) as exc:
                 # Routed by a stale map (or the node has not opened the replica yet).
                 last = exc

@@ -132,6 +132,7 @@ class NodeServer:
         self.replicas: dict[int, Replica] = {}
         self.proposers: dict[int, Proposer] = {}
         self.descriptors: dict[int, dict[str, Any]] = {}
+        self._keyspaces: dict[int, dict[str, tuple[int, int]]] = {}
         self._opening: set[int] = set()
         self._manager_client: dict[str, str] = {
             m.raft_address: m.client_address for m in cluster.managers}
@@ -189,6 +190,7 @@ class NodeServer:
         replica = self.replicas.pop(shard_id, None)
         proposer = self.proposers.pop(shard_id, None)
         self.descriptors.pop(shard_id, None)
+        self._keyspaces.pop(shard_id, None)
         if proposer is not None:
             proposer.expire(math.inf, Unavailable(f"shard {shard_id} closed on this node"))
         if replica is not None:
@@ -339,12 +341,20 @@ class NodeServer:
             return None
 
     def _keyspace(self, replica: Replica, shard_id: int, name: str) -> tuple[int, int]:
-        """(keyspace id, logical shard count) from the group's own records."""
-        raw = replica.store.get(layout.keyspace_key(name))
-        if raw is None:
-            raise WrongShard(f"shard {shard_id} does not serve keyspace {name!r}",
-                             shard=shard_id)
-        return layout.decode_keyspace(raw)
+        """(keyspace id, logical shard count) from the group's own records.
+
+        Found records are cached: a keyspace's id and count never change, and a
+        dropped keyspace's cached record is harmless, because writes and reads
+        check ownership in the group's current state (there is none any more)."""
+        cache = self._keyspaces.setdefault(shard_id, {})
+        found = cache.get(name)
+        if found is None:
+            raw = replica.store.get(layout.keyspace_key(name))
+            if raw is None:
+                raise WrongShard(f"shard {shard_id} does not serve keyspace {name!r}",
+                                 shard=shard_id)
+            found = cache[name] = layout.decode_keyspace(raw)
+        return found
 
     def _write(self, request: WriteRequest, reply: OnDone) -> None:
         replica, proposer = self._leader_for(request.shard)

@@ -73,6 +73,10 @@ async def test_eight_shards_over_three_dcs_survive_losing_a_dc(
         nodes = [r["node"] for r in shard["replicas"]]
         assert len(set(nodes)) == 3 and len({dc_of[n] for n in nodes}) == 3, shard
 
+    # The controller moves leadership (Raft leadership transfer) until every
+    # node leads 1 or 2 of the 8 shards.
+    await wait_leaders_balanced(cluster, per_node_max=2)
+
     pairs = {f"key-{i}".encode(): f"value-{i}".encode() * 5 for i in range(KEYS)}
     async with open_client(cluster.client_addresses(), retry_budget_s=60.0) as kv:
         await write_all(kv, pairs)
@@ -116,6 +120,19 @@ async def test_eight_shards_over_three_dcs_survive_losing_a_dc(
                 assert await local_values(cluster, node_id, mine, shard=shard_id) == [
                     more[k] for k in mine]
         assert await read_all(kv, list(pairs)) == pairs
+    # Leadership spreads back onto the restarted nodes.
+    await wait_leaders_balanced(cluster, per_node_max=2)
+
+
+async def wait_leaders_balanced(cluster: LocalCluster, per_node_max: int,
+                                timeout_s: float = 30.0) -> None:
+    with trio.fail_after(timeout_s):
+        while True:
+            leaders = await in_thread(cluster.leaders)
+            counts = [list(leaders.values()).count(n) for n in cluster.node_ids]
+            if max(counts) <= per_node_max and min(counts) >= 1:
+                return
+            await trio.sleep(0.5)
 
 
 @pytest.mark.timeout(180)
@@ -209,10 +226,19 @@ async def test_a_stale_map_is_redirected_and_never_writes_into_the_wrong_group(
 @pytest.mark.timeout(180)
 async def test_keyspaces_are_created_used_and_dropped(make_cluster: ClusterFactory) -> None:
     cluster = make_cluster(dcs=3, nodes_per_dc=1, physical_shards=1)
-    created = await in_thread(cluster.manager, {
-        "op": "ks_create", "name": "users", "logical_shards": 16, "physical_shards": 2})
-    shard_ids = created["physical_shards"]
-    await in_thread(cluster.wait_ready)
+    async with open_client(cluster.client_addresses()) as watcher:
+        before = await watcher.shard_map()
+        fetches = watcher.map_refreshes
+        created = await in_thread(cluster.manager, {
+            "op": "ks_create", "name": "users", "logical_shards": 16, "physical_shards": 2})
+        shard_ids = created["physical_shards"]
+        await in_thread(cluster.wait_ready)
+        # The client's long-poll watch brings the new map without being asked.
+        with trio.fail_after(10):
+            while "users" not in (await watcher.shard_map()).keyspaces:
+                await trio.sleep(0.05)
+        assert (await watcher.shard_map()).version > before.version
+        assert watcher.map_refreshes == fetches
     async with open_client(cluster.client_addresses(), keyspace="users") as users, \
             open_client(cluster.client_addresses()) as default:
         await users.put("{u1}:name", "alice")

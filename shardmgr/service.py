@@ -40,7 +40,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import cbor2
 import trio
 
 from raftkv import config as configmod
@@ -52,7 +51,7 @@ from raftkv.errors import (
     Unavailable,
 )
 from raftkv.faults import FaultSpec
-from raftkv.protocol.messages import DEFAULT_LIMITS
+from raftkv.protocol.messages import DEFAULT_LIMITS, decode_envelope
 from raftkv.replication.replica import Replica
 from raftkv.server.node import FaultLinks, load_faults, run_until_signalled
 from raftkv.server.proposer import OnDone, Proposer
@@ -89,15 +88,7 @@ class ManagerRequest:
 
 
 def decode_manager_request(body: bytes) -> ManagerRequest:
-    try:
-        msg = cbor2.loads(body)
-    except Exception as exc:
-        raise BadRequest(f"frame is not valid cbor: {exc}") from exc
-    if not isinstance(msg, dict):
-        raise BadRequest("request must be a cbor map")
-    request_id = msg.get("id")
-    if isinstance(request_id, bool) or not isinstance(request_id, int) or request_id < 0:
-        raise BadRequest("request: field 'id' must be an unsigned integer")
+    msg, request_id = decode_envelope(body)
     op = msg.get("op")
     if op not in _HANDLERS:
         raise BadRequest(f"request {request_id}: unknown shard manager op {op!r}",

@@ -229,12 +229,8 @@ def _write_op(msg: Any, context: str, limits: Limits) -> WriteOp:
     raise BadRequest(f"{context}: unknown write op {op!r} (expected put, delete or cas)")
 
 
-def decode_request(body: bytes, limits: Limits = DEFAULT_LIMITS) -> Request:
-    """Decode one frame body. Raises BadRequest or TooLarge naming the problem.
-
-    If the error is raised after ``id`` was read, ``exc.details['request_id']``
-    holds it so the server can address its error reply.
-    """
+def decode_envelope(body: bytes) -> tuple[dict[str, Any], int]:
+    """A request's cbor map and its ``id``; BadRequest if it is neither."""
     try:
         msg = cbor2.loads(body)
     except Exception as exc:
@@ -244,6 +240,16 @@ def decode_request(body: bytes, limits: Limits = DEFAULT_LIMITS) -> Request:
     request_id = msg.get("id")
     if isinstance(request_id, bool) or not isinstance(request_id, int) or request_id < 0:
         raise BadRequest("request: field 'id' must be an unsigned integer")
+    return msg, request_id
+
+
+def decode_request(body: bytes, limits: Limits = DEFAULT_LIMITS) -> Request:
+    """Decode one frame body. Raises BadRequest or TooLarge naming the problem.
+
+    If the error is raised after ``id`` was read, ``exc.details['request_id']``
+    holds it so the server can address its error reply.
+    """
+    msg, request_id = decode_envelope(body)
     try:
         return _decode_fields(msg, request_id, limits)
     except RaftKVError as exc:

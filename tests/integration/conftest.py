@@ -60,3 +60,14 @@ def cluster(make_cluster: ClusterFactory) -> LocalCluster:
     """A started cluster: 3 shard manager replicas, 3 nodes in 3 DCs, one
     physical shard of keyspace ``default``."""
     return make_cluster()
+
+
+@pytest.fixture
+def cluster_dir(tmp_path: Path) -> Iterator[Path]:
+    """A directory for ``raftkv up``; every process it starts is stopped at teardown."""
+    directory = tmp_path / "cli-cluster"
+    try:
+        yield directory
+    finally:
+        if (directory / "cluster.json").exists():
+            shutdown_cluster(LocalCluster(directory))

@@ -6,13 +6,9 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from integration_support import shutdown_cluster
-
-from raftkv.localcluster import LocalCluster
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
@@ -36,17 +32,6 @@ def one_error_line(result: subprocess.CompletedProcess[bytes]) -> str:
     assert len(lines) == 1, result.stderr.decode()
     assert lines[0].startswith("raftkv: "), lines
     return lines[0]
-
-
-@pytest.fixture
-def cluster_dir(tmp_path: Path) -> Iterator[Path]:
-    """A directory for ``raftkv up``; every node it starts is stopped at teardown."""
-    directory = tmp_path / "cli-cluster"
-    try:
-        yield directory
-    finally:
-        if (directory / "cluster.json").exists():
-            shutdown_cluster(LocalCluster(directory))
 
 
 def test_cli_end_to_end(cluster_dir: Path) -> None:

@@ -7,27 +7,15 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from integration_support import shutdown_cluster
 from test_cli import one_error_line, run
 
 from raftkv.client import Client
 from raftkv.localcluster import LocalCluster
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
-
-
-@pytest.fixture
-def cluster_dir(tmp_path: Path) -> Iterator[Path]:
-    directory = tmp_path / "cli-cluster"
-    try:
-        yield directory
-    finally:
-        if (directory / "cluster.json").exists():
-            shutdown_cluster(LocalCluster(directory))
 
 
 def ok(*args: str) -> str:

@@ -289,3 +289,56 @@ async def test_nodes_on_distinct_addresses(make_cluster: ClusterFactory) -> None
             await kv.put(f"k{i}", f"v{i}")
         assert [await kv.get(f"k{i}") for i in range(50)] == [f"v{i}".encode()
                                                               for i in range(50)]
+
+
+@pytest.mark.timeout(120)
+async def test_bad_requests_to_the_shard_manager_and_admin_ops_get_clear_errors(
+        make_cluster: ClusterFactory) -> None:
+    cluster = make_cluster(dcs=3, nodes_per_dc=1, physical_shards=1)
+    leader = await in_thread(cluster.manager_leader)
+    assert leader is not None
+    follower = next(m for m in cluster.manager_ids if m != leader)
+    async with await RawConnection.open(cluster.address(leader)) as conn:
+        await conn.send_raw(b"\x00\x00\x00\x02\xff\xff")  # a frame that is not cbor
+        assert (await conn.receive())["err"]["code"] == "BAD_REQUEST"
+        cases = [
+            ({"id": 1, "op": "no-such-op"}, "BAD_REQUEST", "no-such-op"),
+            ({"id": 2, "op": "ks_create"}, "BAD_REQUEST", "'name'"),
+            ({"id": 3, "op": "ks_create", "name": "x", "logical_shards": 3}, "BAD_REQUEST",
+             "power of two"),
+            ({"id": 4, "op": "ks_create", "name": "bad name!"}, "BAD_REQUEST", "keyspace name"),
+            ({"id": 5, "op": "ks_create", "name": "x", "replication_factor": 5},
+             "BAD_REQUEST", "live nodes"),
+            ({"id": 6, "op": "ks_drop", "name": "nope"}, "BAD_REQUEST", "nope"),
+            ({"id": 7, "op": "heartbeat", "node": "n1"}, "BAD_REQUEST", "'node'"),
+            ({"id": 8, "op": "heartbeat", "node": {"id": "n9"}}, "BAD_REQUEST", "node"),
+            ({"id": 9, "op": "fault", "spec": {"inter_dc_latency_ms": -1}}, "BAD_REQUEST",
+             "latency"),
+        ]
+        for msg, code, mention in cases:
+            reply = await conn.request(msg)
+            assert reply["id"] == msg["id"] and reply["err"]["code"] == code, (msg, reply)
+            assert mention in reply["err"]["msg"], (msg, reply)
+        assert "ok" in await conn.request({"id": 10, "op": "ping"})
+    async with await RawConnection.open(cluster.address(follower)) as conn:
+        reply = await conn.request({"id": 1, "op": "ks_list"})
+        assert reply["err"]["code"] == "NOT_LEADER", reply
+        assert reply["err"]["leader"] == cluster.address(leader)
+        assert "keyspaces" in (await conn.request({"id": 2, "op": "map"}))["ok"]
+    node = cluster.node_ids[0]
+    async with await RawConnection.open(cluster.address(node)) as conn:
+        for msg, mention in (({"id": 1, "op": "own", "shard": 1, "ks_id": 0, "L": 256,
+                               "ls": ["x"]}, "'ls'"),
+                             ({"id": 2, "op": "fault", "spec": {"cuts": [["n1", "n1"]]}},
+                              "cuts"),
+                             ({"id": 3, "op": "scan", "shard": 1, "ls": 0, "limit": 0},
+                              "'limit'")):
+            reply = await conn.request(msg)
+            assert reply["err"]["code"] == "BAD_REQUEST" and mention in reply["err"]["msg"], (
+                msg, reply)
+    # Nothing changed, and everyone still serves.
+    listed = await in_thread(cluster.manager, {"op": "ks_list"})
+    assert [k["name"] for k in listed] == ["default"]
+    async with open_client(cluster.client_addresses()) as kv:
+        await kv.put("still", "serving")
+        assert await kv.get("still") == b"serving"

@@ -226,7 +226,8 @@ class AsyncClient:
         """The value of ``key``, or None. ``strong`` (default) is linearizable;
         ``eventual`` may be stale (any replica)."""
         msg = {"op": "get", "ks": self.keyspace, "key": _b(key), "cons": consistency}
-        result = await self._call(msg, key=_b(key), leader_only=consistency == "strong")
+        result = await self._call(msg, ls=await self.logical_shard(key),
+                                  leader_only=consistency == "strong")
         value = result["value"]
         return value if value is None else bytes(value)
 
@@ -249,8 +250,8 @@ class AsyncClient:
         a batch must share one logical shard (give them one hash tag ``{...}``)."""
         if not ops:
             raise BadRequest("a batch needs at least one op")
-        shards = {await self.logical_shard(o.key) for o in ops}
-        if len(shards) > 1:
+        ls = await self.logical_shard(ops[0].key)
+        if any([await self.logical_shard(o.key) != ls for o in ops[1:]]):
             raise BadRequest("the keys of a batch must share one logical shard: give them "
                              "the same hash tag, as in {user42}:name and {user42}:email")
         self._seq += 1
@@ -262,7 +263,7 @@ class AsyncClient:
                 msg.update(op="batch", ops=[encode_op(o) for o in ops])
             else:
                 msg.update(encode_op(ops[0]))
-            result = await self._call(msg, key=ops[0].key, leader_only=True, seq=seq)
+            result = await self._call(msg, ls=ls, leader_only=True, seq=seq)
             return WriteResult(int(result["index"]), list(result["results"]))
         finally:
             self._outstanding.discard(seq)
@@ -405,12 +406,6 @@ class AsyncClient:
     def _ack(self) -> int:
         return min(self._outstanding) - 1 if self._outstanding else self._seq
 
-    def _route(self, smap: ShardMap, key: bytes | None, ls: int | None) -> Route:
-        if key is not None:
-            return smap.route(self.keyspace, key)
-        assert ls is not None
-        return smap.route_logical(self.keyspace, ls)
-
     def _pick(self, route: Route, leader_only: bool) -> str:
         leader = self._leaders.get(route.shard)
         if leader is not None and (leader_only or leader in route.replicas):
@@ -423,18 +418,16 @@ class AsyncClient:
         self._leaders.pop(shard, None)
         self._rotation += 1
 
-    async def _call(self, msg: dict[str, Any], *, key: bytes | None = None,
-                    ls: int | None = None, leader_only: bool, seq: int | None = None) -> Any:
+    async def _call(self, msg: dict[str, Any], *, ls: int, leader_only: bool,
+                    seq: int | None = None) -> Any:
+        """Send ``msg`` for logical shard ``ls`` of this client's keyspace to
+        the node the map says (the leader for ``leader_only``), with retries."""
         deadline = trio.current_time() + self.retry_budget_s
         maybe_happened: RaftKVError | None = None
         last: RaftKVError | None = None
         backoff_s = 0.01
         while True:
-            try:
-                route = self._route(await self.shard_map(), key, ls)
-            except UnknownKeyspace:
-                # The keyspace may be newer than this map: look once more.
-                route = self._route(await self.shard_map(refresh=True), key, ls)
+            route = (await self.shard_map()).route_logical(self.keyspace, ls)
             msg["shard"] = route.shard
             address = self._pick(route, leader_only)
             try:

@@ -30,6 +30,7 @@ class ShardMap:
         self.document = document
         self.version: int = int(document["version"])
         self.keyspaces: dict[str, dict[str, Any]] = dict(document["keyspaces"])
+        self._routes: dict[tuple[str, int], Route] = {}
         self._replicas = {
             int(shard_id): tuple(r["address"] for r in replicas)
             for shard_id, replicas in document["shards"].items()
@@ -48,8 +49,12 @@ class ShardMap:
         return self.route_logical(keyspace, self.logical_shard(keyspace, key))
 
     def route_logical(self, keyspace: str, ls: int) -> Route:
-        shard = int(self.keyspace(keyspace)["map"][ls])
-        return Route(keyspace, ls, shard, self._replicas.get(shard, ()))
+        route = self._routes.get((keyspace, ls))
+        if route is None:
+            shard = int(self.keyspace(keyspace)["map"][ls])
+            route = self._routes[(keyspace, ls)] = Route(keyspace, ls, shard,
+                                                         self._replicas.get(shard, ()))
+        return route
 
     def replicas(self, shard: int) -> tuple[str, ...]:
         return self._replicas.get(shard, ())

@@ -278,6 +278,16 @@ class ManagerServer:
         return {"version": self.state.version,
                 "assignment": [vars(a) for a in self.state.assignment(node.id)]}
 
+    async def _wait_for_heartbeats(self) -> None:
+        """A new leader knows no node is alive until they heartbeat to it: wait
+        for one dead-node period after taking over before judging liveness."""
+        since = self._leading_since
+        now = trio.current_time()
+        if since is None:
+            await trio.sleep(NODE_DEAD_AFTER_S)
+        elif now - since < NODE_DEAD_AFTER_S:
+            await trio.sleep(NODE_DEAD_AFTER_S - (now - since))
+
     def alive(self) -> set[str]:
         now = trio.current_time()
         return {n for n, t in self.last_seen.items() if now - t < NODE_DEAD_AFTER_S}
@@ -285,6 +295,8 @@ class ManagerServer:
     async def _ks_create(self, fields: dict[str, Any]) -> Any:
         defaults = self.cluster.keyspace_defaults
         name = _str(fields, "name")
+        self._require_leader()
+        await self._wait_for_heartbeats()
         alive = self.alive()
         new = await self.change(lambda s: st.create_keyspace(
             s, name,

@@ -244,7 +244,10 @@ class NodeServer:
                         rotation += 1
                         await trio.sleep(0.1)
                 except RaftKVError as exc:
-                    log.debug("heartbeat to %s failed: %s", address, exc)
+                    # A refusal (say, this node's config changed its host or
+                    # ports while it hosts replicas) needs an operator; say so.
+                    (log.warning if exc.code == "BAD_REQUEST" else log.debug)(
+                        "heartbeat to %s failed: %s", address, exc)
                     self._manager_leader = None
                     rotation += 1
                     await trio.sleep(0.2)

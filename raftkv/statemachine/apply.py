@@ -114,6 +114,8 @@ class _Overlay:
     def __init__(self, read: ReadFn, writes: dict[bytes, bytes | None]) -> None:
         self._read = read
         self.writes = writes
+        self.keys_added = 0
+        """Change of the user key count, written once per entry."""
 
     def get(self, key: bytes) -> bytes | None:
         if key in self.writes:
@@ -131,6 +133,9 @@ def apply_entry(view: StateView, index: int, payload: bytes) -> ApplyOutput:
         return out
     state = _Overlay(view.get, out.writes)
     out.results = [_apply_command(state, view, index, c) for c in commands]
+    if state.keys_added:
+        count = layout.decode_index(state.get(layout.KEY_COUNT_KEY)) + state.keys_added
+        out.writes[layout.KEY_COUNT_KEY] = layout.encode_index(max(0, count))
     return out
 
 
@@ -170,14 +175,8 @@ def _drop_keyspace(state: _Overlay, view: StateView, index: int,
     doomed = [key for key, _ in chunk[:drop.keys_max] if state.writes.get(key, b"") is not None]
     for key in doomed:
         state.writes[key] = None
-    _count_keys(state, -len(doomed))
+    state.keys_added -= len(doomed)
     return {"i": index, "deleted": len(doomed), "more": len(chunk) > drop.keys_max}
-
-
-def _count_keys(state: _Overlay, delta: int) -> None:
-    if delta:
-        count = layout.decode_index(state.get(layout.KEY_COUNT_KEY)) + delta
-        state.writes[layout.KEY_COUNT_KEY] = layout.encode_index(max(0, count))
 
 
 def _apply_write(state: _Overlay, index: int, write: Write) -> dict[str, Any]:
@@ -232,5 +231,5 @@ def _apply_mutations(state: _Overlay, index: int, write: Write) -> dict[str, Any
             per_op.append(True)
             keys_added += not existed
     state.writes.update(scratch.writes)
-    _count_keys(state, keys_added)
+    state.keys_added += keys_added
     return {"i": index, "r": per_op}

@@ -270,16 +270,22 @@ class NodeServer:
         assigned = {int(a["shard"]): a for a in reply["assignment"]}
         for shard_id, a in assigned.items():
             if shard_id not in self.replicas:
-                await self.open_replica({
-                    "shard": shard_id, "keyspace": a["keyspace"],
-                    "raft_address": f"{self.node.host}:{a['raft_port']}",
-                    "peers": list(a["peers"]), "created_version": a["created_version"]})
+                try:
+                    await self.open_replica({
+                        "shard": shard_id, "keyspace": a["keyspace"],
+                        "raft_address": f"{self.node.host}:{a['raft_port']}",
+                        "peers": list(a["peers"]), "created_version": a["created_version"]})
+                except Exception:  # the next heartbeat tries again; others go on
+                    log.exception("node %s: cannot open shard %d", self.node.id, shard_id)
         for shard_id in list(self.replicas):
             created = int(self.descriptors.get(shard_id, {}).get("created_version", 0))
             # A state at least as new as the shard's creation that lacks the shard
             # comes after its removal (states only ever grow in version).
             if shard_id not in assigned and version >= created:
-                await self.close_replica(shard_id, delete=True)
+                try:
+                    await self.close_replica(shard_id, delete=True)
+                except Exception:
+                    log.exception("node %s: cannot remove shard %d", self.node.id, shard_id)
 
     # -- requests ---------------------------------------------------------------
 

@@ -138,14 +138,14 @@ class RawConnection:
 
 
 async def local_values(cluster: LocalCluster, node_id: str, keys: list[bytes],
-                       shard: int = SHARD) -> list[bytes | None]:
+                       shard: int = SHARD, keyspace: str = "default") -> list[bytes | None]:
     """What ``node_id``'s own replica of ``shard`` holds for ``keys`` (eventual
     reads sent to that node alone)."""
     async with await RawConnection.open(cluster.address(node_id)) as conn:
         values = []
         for i, key in enumerate(keys):
             reply = await conn.request({"id": i, "op": "get", "shard": shard, "key": key,
-                                        "cons": "eventual"})
+                                        "ks": keyspace, "cons": "eventual"})
             assert "ok" in reply, reply
             values.append(reply["ok"]["value"])
         return values

@@ -344,3 +344,32 @@ async def test_bad_requests_to_the_shard_manager_and_admin_ops_get_clear_errors(
     async with open_client(cluster.client_addresses()) as kv:
         await kv.put("still", "serving")
         assert await kv.get("still") == b"serving"
+
+
+@pytest.mark.timeout(120)
+async def test_a_replica_that_cannot_be_opened_is_retried_and_the_node_serves_on(
+        make_cluster: ClusterFactory) -> None:
+    cluster = make_cluster(dcs=3, nodes_per_dc=1, physical_shards=1)
+    view = await in_thread(cluster.manager, {"op": "cluster"})
+    new_shard = view["state"]["next_shard_id"]
+    blocker = cluster.node_dir("n1") / f"shard-{new_shard}"
+    blocker.write_text("a file where the replica's directory should go\n")
+    await in_thread(cluster.manager, {"op": "ks_create", "name": "k2"})
+    await in_thread(cluster.wait_ready)  # the other two replicas make a majority
+    async with open_client(cluster.client_addresses(), keyspace="k2") as k2, \
+            open_client(cluster.client_addresses()) as default:
+        await k2.put("a", "1")
+        await default.put("b", "2")  # n1 serves on (its replica of shard 1 is there)
+        statuses = await shard_statuses(cluster)
+        assert new_shard not in statuses["n1"] and 1 in statuses["n1"]
+        blocker.unlink()
+        with trio.fail_after(30):  # the next heartbeat opens it, and it catches up
+            while True:
+                statuses = await shard_statuses(cluster)
+                mine = statuses["n1"].get(new_shard)
+                if mine is not None and mine["keys"] == 1:
+                    break
+                await trio.sleep(0.2)
+        assert await local_values(cluster, "n1", [b"a"], shard=new_shard,
+                                  keyspace="k2") == [b"1"]
+        assert await default.get("b") == b"2"

@@ -373,3 +373,31 @@ async def test_a_replica_that_cannot_be_opened_is_retried_and_the_node_serves_on
         assert await local_values(cluster, "n1", [b"a"], shard=new_shard,
                                   keyspace="k2") == [b"1"]
         assert await default.get("b") == b"2"
+
+
+@pytest.mark.timeout(120)
+async def test_a_node_restarted_while_the_shard_manager_is_down_reopens_its_replicas(
+        make_cluster: ClusterFactory) -> None:
+    cluster = make_cluster(dcs=3, nodes_per_dc=1, physical_shards=2)
+    async with open_client(cluster.client_addresses()) as kv:
+        smap = await kv.shard_map()
+        keys = [f"k{i}".encode() for i in range(20)]
+        for key in keys:
+            await kv.put(key, b"before")
+        for manager_id in cluster.manager_ids:
+            await in_thread(cluster.kill_node, manager_id)
+        await in_thread(cluster.kill_node, "n1")
+        await in_thread(cluster.start_node, "n1")
+        # No shard manager is running: n1 reopens its replicas from their
+        # descriptors on disk, and the groups (and clients with a map) go on.
+        with trio.fail_after(30):
+            while sorted((await shard_statuses(cluster))["n1"]) != [1, 2]:
+                await trio.sleep(0.2)
+        for key in keys:
+            await kv.put(key, b"after")
+        for shard in (1, 2):
+            mine = [k for k in keys if smap.route("default", k).shard == shard]
+            with trio.fail_after(30):
+                while await local_values(cluster, "n1", mine, shard=shard) != [b"after"] * len(
+                        mine):
+                    await trio.sleep(0.2)

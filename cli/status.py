@@ -34,6 +34,7 @@ from typing import Any
 
 import click
 
+from raftkv.errors import RaftKVError
 from raftkv.localcluster import ClusterError, LocalCluster
 
 
@@ -41,7 +42,7 @@ def cluster_status(cluster: LocalCluster) -> dict[str, Any]:
     statuses = cluster.statuses()
     try:
         view: dict[str, Any] | None = cluster.manager({"op": "cluster"}, timeout_s=3.0)
-    except (ClusterError, Exception):
+    except (ClusterError, RaftKVError):  # no shard manager answers: nodes only
         view = None
     state = (view or {}).get("state", {})
     heartbeats = (view or {}).get("nodes", {})

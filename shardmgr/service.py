@@ -449,7 +449,7 @@ class ManagerServer:
                         "op": "drop", "ks": ks.name, "ks_id": ks.id, "n": DROP_CHUNK_KEYS})
                     if not result.get("more"):
                         break
-            await self.change(functools.partial(_remove_keyspace, name=ks.name))
+            await self.change(functools.partial(st.remove_keyspace, name=ks.name))
 
     async def _balance_leaders(self, pool: ConnectionPool, state: st.ClusterState) -> None:
         alive = self.alive()
@@ -487,10 +487,6 @@ def _pending_work(state: st.ClusterState) -> bool:
     """Groups to tell what they own, or dropped keyspaces to purge."""
     return any(not s.owned for s in state.shards.values()) or any(
         k.state == st.KEYSPACE_DROPPING for k in state.keyspaces.values())
-
-
-def _remove_keyspace(state: st.ClusterState, name: str) -> st.ClusterState:
-    return st.remove_keyspace(state, name)
 
 
 def _keyspace_json(state: st.ClusterState, ks: st.KeyspaceInfo) -> dict[str, Any]:

@@ -111,6 +111,19 @@ class ClusterConfig:
                 return n.id, n.dc
         return None
 
+    def hub_address_of(self, raft_address: str) -> str | None:
+        """Where the process owning a Raft address accepts Raft traffic (its
+        ``RaftHub``): a node's first Raft port (its other Raft ports are only
+        names of the group members it hosts), a shard manager's Raft port."""
+        owner = self.process_of_raft_address(raft_address)
+        if owner is None:
+            return None
+        for m in self.managers:
+            if m.id == owner[0]:
+                return m.raft_address
+        node = self.node(owner[0])
+        return f"{node.host}:{node.raft_port_min}"
+
     def dc_of(self, process_id: str) -> str:
         dcs = {m.id: m.dc for m in self.managers} | {n.id: n.dc for n in self.nodes}
         if process_id not in dcs:

@@ -3,9 +3,12 @@
 This is the only module that imports pysyncobj. It adds what pysyncobj lacks
 (DESIGN section 5):
 
-- durability: a ``DurableJournal``, and a transport that syncs it before every
-  message leaves the node, so an entry is on disk before it is acknowledged
-  to the leader or sent to a follower; a lone replica syncs before it applies;
+- durability: a ``DurableJournal``, and a transport that lets no ack leave the
+  process before the entries it covers are synced; a lone replica syncs
+  before it applies;
+- one Raft thread and one connection per peer process for all the groups of a
+  process (``hub.py``): pysyncobj runs with ``autoTick`` off, its messages go
+  through the process's ``RaftHub``, its poller is a stub the hub drives;
 - a fail-stop apply: no exception ever reaches pysyncobj's apply loop (which
   would apply the entry again); a replica that cannot write its state exits
   and replays its journal on restart;
@@ -16,8 +19,11 @@ This is the only module that imports pysyncobj. It adds what pysyncobj lacks
   the journal, the journal prefix the dump covers is dropped, so a crash
   between writing a dump and truncating the journal no longer clears the
   journal's tail;
-- encrypted, authenticated Raft traffic (``password``), bound to the
-  configured address only.
+- encrypted, authenticated Raft traffic (AES-GCM per frame, keys from the
+  cluster secret; ``wire.py``), authenticated before anything is unpickled,
+  on a listener bound to the configured address only.
+
+"The Raft thread" below is the hub's thread.
 
 Results reach the caller through ``submit(payload, on_done)``; ``on_done`` runs
 on the Raft thread and must hand off (the node server uses
@@ -28,12 +34,11 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import functools
 import logging
 import os
+import select
 import threading
 import time
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +47,8 @@ from typing import Any
 import pysyncobj.syncobj as _pysyncobj_core
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
 from pysyncobj.config import SERIALIZER_STATE
-from pysyncobj.transport import TCPTransport
+from pysyncobj.poller import POLL_EVENT_TYPE, Poller
+from pysyncobj.transport import Transport
 
 from raftkv.errors import (
     InternalError,
@@ -52,6 +58,7 @@ from raftkv.errors import (
     RaftKVError,
     Unavailable,
 )
+from raftkv.replication.hub import RaftHub
 from raftkv.replication.journal import DurableJournal
 from raftkv.statemachine.apply import ApplyFn, apply_entry
 from raftkv.storage.leveldb import (
@@ -66,6 +73,7 @@ log = logging.getLogger(__name__)
 EXIT_APPLY_FAILED = 70
 EXIT_SNAPSHOT_LOAD_FAILED = 71
 EXIT_APPLIED_ENTRY_REPLACED = 72
+EXIT_SYNC_FAILED = 73
 
 
 class _ResendFilter(logging.Filter):
@@ -124,208 +132,236 @@ def _create_journal(journal_file: str | None) -> Any:
 _pysyncobj_core.createJournal = _create_journal
 
 
-class _DurableTransport(TCPTransport):  # type: ignore[misc]
-    """No acknowledgement of log entries leaves before those entries are synced.
+class _GroupPoller(Poller):  # type: ignore[misc]
+    """The poller pysyncobj gets for one group. Its only file is the group's
+    command pipe (woken when another thread proposes); the hub's epoll watches
+    it and marks the group for a tick. ``poll`` does nothing: the hub polls."""
 
-    A follower's ``next_node_idx`` (its ack) waits in an outbox while the
-    journal holds unsynced entries; at the end of each Raft tick, just before
-    pysyncobj polls its sockets, one sync covers every entry appended during
-    the tick and the outbox is flushed in order. This is group commit: one
-    fsync per tick instead of one per entry.
+    _EVENTS = ((POLL_EVENT_TYPE.READ, select.EPOLLIN), (POLL_EVENT_TYPE.WRITE, select.EPOLLOUT),
+               (POLL_EVENT_TYPE.ERROR, select.EPOLLERR))
 
-    A leader's append-entries go out at once, so followers write in parallel
+    def __init__(self, hub: RaftHub) -> None:
+        self._hub = hub
+        self.member: _HubTransport | None = None
+        self.fds: set[int] = set()
+
+    def subscribe(self, descr: int, callback: Callable[[int, int], None], eventMask: int) -> None:
+        def ready(mask: int) -> None:
+            self._hub.touch(self.member)
+            events = sum(ours for ours, epoll in self._EVENTS if mask & epoll)
+            if mask & select.EPOLLHUP:
+                events |= POLL_EVENT_TYPE.ERROR
+            callback(descr, events)
+
+        self._hub.subscribe(descr, ready, sum(epoll for ours, epoll in self._EVENTS
+                                              if eventMask & ours))
+        self.fds.add(descr)
+
+    def unsubscribe(self, descr: int) -> None:
+        self._hub.unsubscribe(descr)
+        self.fds.discard(descr)
+
+    def poll(self, timeout: float) -> None:
+        return None
+
+
+_original_create_poller = _pysyncobj_core.createPoller
+
+
+def _create_poller(poller_type: Any) -> Any:
+    """``SyncObjConf.pollerType`` may be a ready poller (a ``_GroupPoller``)."""
+    if isinstance(poller_type, Poller):
+        return poller_type
+    return _original_create_poller(poller_type)
+
+
+_pysyncobj_core.createPoller = _create_poller
+
+
+class _HubTransport(Transport):  # type: ignore[misc]
+    """One group's transport: its messages go through the process's ``RaftHub``.
+
+    **Durability.** No acknowledgement of log entries leaves before those
+    entries are synced. A follower's ``next_node_idx`` (its ack) is queued as
+    *late* while the journal holds unsynced entries: the hub sends late
+    messages only after this round's journal syncs, one sync covering every
+    entry appended in the round (group commit). A leader's append-entries are
+    *early* and go out before its own sync, so followers write in parallel
     with the leader (as Raft allows): the leader counts its own log toward a
-    commit only at the start of its next tick, after this tick's sync.
-    Once anything is queued, everything after it is queued too, so messages
+    commit only in its next tick, after this round's sync. Once one message
+    of the group is late, the rest of its round is late too, so messages
     never overtake each other.
 
-    Fault injection (DESIGN section 8), only when ``link`` is given.
+    **Fault injection** (DESIGN section 8), only when ``link`` is given.
     ``link(peer_address)`` says, per message, whether the link to that peer
     is cut (``None``) or else the one-way delay in seconds:
 
-    - a message to a cut peer is dropped where it would leave the node (after
-      the outbox, so the durability rule above is unchanged), and ``send``
-      reports success, as a lost packet would; a message from a cut peer is
-      dropped on arrival, before pysyncobj or the journal sees it;
-    - a delayed message is held in a per-peer queue, in order, and sent at
-      its due time by ``flush`` on the Raft tick thread (TCPTransport is not
-      thread-safe). A message never overtakes an earlier one to the same peer,
-      even when the delay shrinks. A held message whose link is cut by its due
-      time is dropped (it was "on the wire"). The one ``_Waker`` thread wakes
-      the tick thread at the earliest due time, so release is not rounded up
-      to the tick period;
+    - a message to a cut peer is dropped where it would leave the group, and
+      ``send`` reports success, as a lost packet would; a message from a cut
+      peer is dropped on arrival, before pysyncobj or the journal sees it;
+    - a delayed message is held in a per-peer queue, in order, and handed to
+      the hub at its due time (the hub wakes for it). A message never
+      overtakes an earlier one to the same peer, even when the delay shrinks.
+      A held message whose link is cut by its due time is dropped (it was
+      "on the wire");
     - at most ``DELAYED_MAX`` messages are held; beyond that new messages are
       dropped (a full network buffer), which Raft recovers from by resending.
 
-    Without ``link`` the only extra work is one ``is None`` check per send and
-    per tick.
+    Everything runs on the hub thread; a ``send`` from another thread is
+    moved there.
     """
 
     _WAIT_FOR_SYNC = frozenset({"next_node_idx"})
     DELAYED_MAX = 10_000  # held messages per transport (a count: one can be ~1 MiB)
 
-    def __init__(self, syncObj: Any, selfNode: Any, otherNodes: Any,
-                 journal: DurableJournal,
+    def __init__(self, syncObj: Any, selfNode: Any, otherNodes: Any, *, hub: RaftHub,
+                 journal: DurableJournal, on_sync_failed: Callable[[int], None],
                  link: Callable[[str], float | None] | None = None) -> None:
+        super().__init__(syncObj, selfNode, otherNodes)
+        self._on_sync_failed = on_sync_failed
+        self._syncObj = syncObj
+        self._hub = hub
         self._journal = journal
-        self._outbox: list[tuple[Any, Any]] = []
-        self._outbox_lock = threading.Lock()
         self._link = link
-        # Fault injection only (guarded by _outbox_lock, used on the tick thread):
-        self._delayed: dict[Any, collections.deque[tuple[float, Any]]] = {}
+        self.address = str(selfNode.address)
+        self._nodes: dict[str, Any] = {}  # peer address -> pysyncobj node
+        self._attached = False
+        self._late = False  # a message of this round waits for the sync
+        self._delayed: dict[str, collections.deque[tuple[float, Any]]] = {}
         self._delayed_count = 0
-        self._waker: _Waker | None = None
         self.dropped_cut_out = 0
         self.dropped_cut_in = 0
         self.dropped_overflow = 0
-        super().__init__(syncObj, selfNode, otherNodes)
-        syncObj.addOnTickCallback(self.flush)
+        for node in otherNodes:
+            self.addNode(node)
+
+    # -- pysyncobj's Transport -------------------------------------------------------
+
+    def addNode(self, node: Any) -> None:
+        self._nodes[str(node.address)] = node
+        if self._attached:
+            self._hub.peers_changed()
+            if self._hub.is_up(self._hub.route(str(node.address))):
+                self._onNodeConnected(node)
+
+    def dropNode(self, node: Any) -> None:
+        if self._nodes.pop(str(node.address), None) is not None:
+            self._onNodeDisconnected(node)
+            self._hub.peers_changed()
 
     def send(self, node: Any, message: Any) -> bool:
-        with self._outbox_lock:
-            if self._outbox or (self._journal.unsynced
-                                and message.get("type") in self._WAIT_FOR_SYNC):
-                self._outbox.append((node, message))
-                return True
-            if self._link is not None:
-                return self._send_over_link(node, message)
-            return bool(super().send(node, message))
+        if not self._hub.on_hub_thread():
+            self._hub.call_soon(lambda: self.send(node, message))
+            return True
+        late = self._late or (message.get("type") in self._WAIT_FOR_SYNC
+                              and self._journal.unsynced)
+        self._late = late
+        address = str(node.address)
+        if self._link is not None:
+            return self._send_over_link(address, message, late)
+        return self._hand(address, message, late)
 
-    def _onMessageReceived(self, node: Any, message: Any) -> None:
-        if self._link is not None and self._link(str(node.id)) is None:
+    def _hand(self, address: str, message: Any, late: bool) -> bool:
+        """Give a message to the hub: the point where it leaves the group."""
+        hub_address = self._hub.route(address)
+        if hub_address is None:
+            return False
+        self._hub.enqueue(hub_address, (address, self.address, message), late)
+        return self._hub.is_up(hub_address)
+
+    # -- the hub's member ------------------------------------------------------------
+
+    def attached(self) -> None:
+        self._attached = True
+
+    def peer_addresses(self) -> list[str]:
+        return list(self._nodes)
+
+    def peer_link(self, hub_address: str, up: bool) -> None:
+        for address, node in list(self._nodes.items()):
+            if self._hub.route(address) == hub_address:
+                if up:
+                    self._onNodeConnected(node)
+                else:
+                    self._onNodeDisconnected(node)
+
+    def deliver(self, source: str, message: Any) -> None:
+        if self._link is not None and self._link(source) is None:
             self.dropped_cut_in += 1
             return
-        super()._onMessageReceived(node, message)
+        node = self._nodes.get(source)
+        if node is None:
+            return  # not (or no longer) a member of this group
+        self._onMessageReceived(node, message)
         kept = self._journal.settle()
         if kept:
             reapply_membership(self._syncObj, kept)
 
-    def flush(self) -> None:
-        self._journal.sync()  # the leader's own entries, before its next commit count
-        if self._link is not None:
-            self._flush_over_link()
-            return
-        with self._outbox_lock:
-            if not self._outbox:
-                return
-            outbox, self._outbox = self._outbox, []
-            for node, message in outbox:
-                super().send(node, message)
+    def tick(self) -> None:
+        self._syncObj.doTick(0.0)
 
-    def destroy(self) -> None:
-        if self._waker is not None:
-            self._waker.stop()
-        super().destroy()
+    @property
+    def has_peers(self) -> bool:
+        return bool(self._nodes)
 
-    # -- fault injection (only with a link; caller holds _outbox_lock) ---------------
+    @property
+    def unsynced(self) -> bool:
+        return bool(self._journal.unsynced)
 
-    def _send_over_link(self, node: Any, message: Any) -> bool:
+    def sync(self) -> None:
+        try:
+            self._journal.sync()
+        except BaseException:
+            # A failed fdatasync may have lost the pages it was given, and a
+            # retry can "succeed" without them: stop, and replay on restart.
+            log.critical("%s: journal sync failed; stopping the node", self.address,
+                         exc_info=True)
+            self._on_sync_failed(EXIT_SYNC_FAILED)
+            raise
+
+    def end_round(self) -> None:
+        self._late = False
+
+    # -- fault injection (only with a link) ----------------------------------------------
+
+    def _send_over_link(self, address: str, message: Any, late: bool) -> bool:
         assert self._link is not None
-        delay = self._link(str(node.id))
+        delay = self._link(address)
         if delay is None:
             self.dropped_cut_out += 1
             return True
-        held = self._delayed.get(node)
+        held = self._delayed.get(address)
         if delay <= 0 and not held:
-            return bool(super().send(node, message))
+            return self._hand(address, message, late)
         if self._delayed_count >= self.DELAYED_MAX:
             self.dropped_overflow += 1
             return True
         due = time.monotonic() + max(delay, 0.0)
         if held is None:
-            held = self._delayed[node] = collections.deque()
+            held = self._delayed[address] = collections.deque()
         elif held and held[-1][0] > due:
             due = held[-1][0]  # never overtake an earlier message to this peer
         held.append((due, message))
         self._delayed_count += 1
-        if self._waker is None:
-            self._waker = _Waker(self._syncObj)
-        self._waker.wake_at(due)
+        self._hub.wake_at(self, due)
         return True
 
-    def _flush_over_link(self) -> None:
-        with self._outbox_lock:
-            if self._outbox:
-                outbox, self._outbox = self._outbox, []
-                for node, message in outbox:
-                    self._send_over_link(node, message)
-            if self._delayed_count:
-                self._release_due()
-
-    def _release_due(self) -> None:
+    def release_due(self, now: float) -> float | None:
+        """Hand the held messages that are due to the hub; the next due time."""
         assert self._link is not None
-        now = time.monotonic()
         next_due: float | None = None
-        for node, held in self._delayed.items():
+        for address, held in self._delayed.items():
             while held and held[0][0] <= now:
                 _, message = held.popleft()
                 self._delayed_count -= 1
-                if self._link(str(node.id)) is None:
+                if self._link(address) is None:
                     self.dropped_cut_out += 1
                 else:
-                    super().send(node, message)
+                    # Held since an earlier round, whose sync has run.
+                    self._hand(address, message, False)
             if held and (next_due is None or held[0][0] < next_due):
                 next_due = held[0][0]
-        if next_due is not None and self._waker is not None:
-            self._waker.wake_at(next_due)
-
-
-class _Waker:
-    """One daemon thread per faulty transport: at the earliest due time of a
-    held message it wakes pysyncobj's tick thread, which otherwise sleeps in
-    ``poll`` for up to the tick period. The wakeup is pysyncobj's own pipe
-    notifier (the one ``_applyCommand`` uses); where it does not exist, held
-    messages leave at the next tick instead. Only a weak reference to the
-    notifier is kept, so the thread never keeps a SyncObj alive; it exits on
-    ``stop`` or when the notifier is gone."""
-
-    _IDLE_CHECK_S = 1.0
-
-    def __init__(self, sync_obj: Any) -> None:
-        notifier = getattr(sync_obj, "_SyncObj__pipeNotifier", None)
-        self._notifier = None if notifier is None else weakref.ref(notifier)
-        self._cond = threading.Condition()
-        self._due: float | None = None
-        self._stopped = False
-        if self._notifier is not None:
-            threading.Thread(target=self._run, name="raft-fault-waker", daemon=True).start()
-
-    def wake_at(self, due: float) -> None:
-        """Wake the tick thread at ``due`` (time.monotonic) or earlier."""
-        if self._notifier is None:
-            return
-        with self._cond:
-            if self._due is None or due < self._due:
-                self._due = due
-                self._cond.notify()
-
-    def stop(self) -> None:
-        with self._cond:
-            self._stopped = True
-            self._cond.notify()
-
-    def _run(self) -> None:
-        assert self._notifier is not None
-        while True:
-            with self._cond:
-                while not self._stopped:
-                    if self._due is None:
-                        self._cond.wait(self._IDLE_CHECK_S)
-                        if self._notifier() is None:
-                            return
-                        continue
-                    remaining = self._due - time.monotonic()
-                    if remaining <= 0:
-                        break
-                    self._cond.wait(remaining)
-                if self._stopped:
-                    return
-                self._due = None
-            notifier = self._notifier()
-            if notifier is None:
-                return
-            with contextlib.suppress(OSError):  # a full pipe: a wakeup is pending anyway
-                notifier.notify()
+        return next_due
 
 
 def reapply_membership(sync_obj: Any, kept: list[tuple[bytes, int, int]]) -> int:
@@ -367,12 +403,15 @@ class RaftSettings:
     snapshot_chunk_bytes: int = 1 << 20
 
 
-def make_conf(settings: RaftSettings, secret: str, journal_key: str, dump_file: str,
-              replica: Replica) -> SyncObjConf:
+def make_conf(settings: RaftSettings, journal_key: str, dump_file: str,
+              replica: Replica, poller: _GroupPoller) -> SyncObjConf:
     """Every SyncObjConf option, set in one place."""
     return SyncObjConf(
-        password=secret,
-        autoTick=True,
+        # The hub encrypts and authenticates Raft traffic (wire.py), once per
+        # frame for every group instead of once per message.
+        password=None,
+        # The hub's one thread ticks every group of the process.
+        autoTick=False,
         autoTickPeriod=settings.tick_period_s,
         commandsQueueSize=settings.commands_queue_max,
         raftMinTimeout=settings.election_timeout_s_min,
@@ -385,7 +424,7 @@ def make_conf(settings: RaftSettings, secret: str, journal_key: str, dump_file: 
         # once (low latency) instead of waiting for its next heartbeat.
         appendEntriesUseBatch=False,
         appendEntriesBatchSizeBytes=settings.append_entries_bytes_max,
-        # Without it pysyncobj binds 0.0.0.0: every interface would reach Raft.
+        # Not used (the hub listens), but never let pysyncobj bind 0.0.0.0.
         bindAddress=replica.self_address,
         preferredAddrType="ipv4",
         sendBufferSize=settings.socket_buffer_bytes,
@@ -398,7 +437,7 @@ def make_conf(settings: RaftSettings, secret: str, journal_key: str, dump_file: 
         fullDumpFile=dump_file,
         journalFile=journal_key,
         dynamicMembershipChange=True,
-        pollerType="auto",
+        pollerType=poller,
         useFork=False,
         serializer=replica._serialize,
         serializeChecker=replica._serialize_state,
@@ -406,6 +445,17 @@ def make_conf(settings: RaftSettings, secret: str, journal_key: str, dump_file: 
         onStateChanged=None,
         onReady=None,
     )
+
+
+def _close_pipe_notifier(group: SyncObj) -> None:
+    """pysyncobj never closes the pipe it wakes its tick with; a node that opens
+    and closes many replicas would run out of file descriptors."""
+    notifier = getattr(group, "_SyncObj__pipeNotifier", None)
+    for name in ("_PipeNotifier__pipeR", "_PipeNotifier__pipeW"):
+        fd = getattr(notifier, name, None)
+        if isinstance(fd, int):
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 class _DumpInBackground(Exception):
@@ -419,6 +469,15 @@ class _Group(SyncObj):  # type: ignore[misc]
                  conf: SyncObjConf, transport_class: Any) -> None:
         self._replica = replica
         super().__init__(self_address, peers, conf=conf, transportClass=transport_class)
+
+    def _SyncObj__applyLogEntries(self) -> bool:
+        """pysyncobj's apply loop, without its request to send append-entries
+        right after every apply (only to tell followers the new commit index):
+        that doubled the messages per entry. Followers learn the commit index
+        from the next append-entries or heartbeat; clients are answered by the
+        leader, which applies at once."""
+        SyncObj._SyncObj__applyLogEntries(self)
+        return False
 
     @replicated  # type: ignore[untyped-decorator]
     def apply_entry(self, payload: bytes) -> Any:
@@ -443,12 +502,17 @@ class Replica:
         exit_fn: Callable[[int], None] = os._exit,
         apply_fn: ApplyFn = apply_entry,
         link: Callable[[str], float | None] | None = None,
+        hub: RaftHub | None = None,
     ) -> None:
-        """``link``, for fault injection (DESIGN section 8): given a peer's Raft
+        """``hub``: the process's Raft transport, shared by all its replicas;
+        without one the replica gets its own, listening on ``self_address``
+        (and closes it on ``destroy``).
+
+        ``link``, for fault injection (DESIGN section 8): given a peer's Raft
         address ``host:port``, ``None`` if the link to it is cut, else the one-way
-        delay in seconds. Called per message on the Raft thread (and again when a
+        delay in seconds. Called per message on the hub thread (and again when a
         held message is released), so it must be cheap, must not block and must
-        not raise; see ``_DurableTransport``."""
+        not raise; see ``_HubTransport``."""
         self.shard_id = shard_id
         self._apply_fn = apply_fn
         self.directory = Path(directory)
@@ -468,20 +532,46 @@ class Replica:
         journal_key = str(self.directory / "journal")
         with _journals_lock:
             _pending_journals[journal_key] = self.journal
-        conf = make_conf(self.settings, secret, journal_key, str(self._dump_path), self)
-        transport = functools.partial(_DurableTransport, journal=self.journal, link=link)
-        self._group = _Group(self, self_address, peer_addresses, conf, transport)
-        # pysyncobj stops its tick thread once the thread that created the SyncObj
-        # exits. A node opens replicas from worker threads (which come and go), so
-        # tie the replica's life to the process's main thread instead.
-        self._group._SyncObj__mainThread = threading.main_thread()
+        self._own_hub = hub is None
+        self.hub = hub if hub is not None else RaftHub(
+            self_address, secret, tick_period_s=self.settings.tick_period_s,
+            connection_retry_s=self.settings.connection_retry_s,
+            connection_timeout_s=self.settings.connection_timeout_s,
+            name=f"raft-hub-{self_address}")
+        self._poller = _GroupPoller(self.hub)
+        conf = make_conf(self.settings, journal_key, str(self._dump_path), self, self._poller)
+        made: list[_HubTransport] = []
+
+        def make_transport(sync_obj: Any, self_node: Any, other_nodes: Any) -> _HubTransport:
+            made.append(_HubTransport(sync_obj, self_node, other_nodes, hub=self.hub,
+                                      journal=self.journal, on_sync_failed=exit_fn,
+                                      link=link))
+            return made[-1]
+
+        try:
+            self._group = _Group(self, self_address, peer_addresses, conf, make_transport)
+            self.transport = made[0]
+            self._poller.member = self.transport
+            self.transport.attached()
+            self.hub.add(self.transport)
+        except BaseException:
+            for fd in list(self._poller.fds):
+                self.hub.unsubscribe(fd)
+            if self._own_hub:
+                self.hub.close()
+            self.store.close()
+            raise
 
     # -- the apply path (Raft thread) ------------------------------------------
 
     def _apply(self, index: int, payload: bytes, group: SyncObj) -> Any:
         try:
-            # A lone replica acks after apply with no message in between.
-            self.journal.sync()
+            if not self.transport.has_peers:
+                # A lone replica commits on its own journal, with no message (and
+                # so no round of the hub) in between. With peers, a commit already
+                # means a majority has the entry on disk, counting this replica
+                # only after its sync (see _HubTransport).
+                self.journal.sync()
             if index <= self.store.applied_index:
                 return None  # replay of an entry already in LevelDB
             out = self._apply_fn(self.store, index, payload)
@@ -559,14 +649,23 @@ class Replica:
                 log.info("shard %d: leadership transfer to %s refused (%d)",
                          self.shard_id, address, reason)
 
-        self._group.transferLeadership(address, callback=callback)
+        self.hub.call_soon(lambda: self._group.transferLeadership(address, callback=callback))
 
     def destroy(self) -> None:
-        """Stop the Raft thread and close files."""
-        self._group.destroy()
-        thread = getattr(self._group, "_SyncObj__thread", None)
-        if thread is not None:
-            thread.join(timeout=10)
+        """Take the group off the hub (no tick or apply runs after this) and close files."""
+        def detach() -> None:
+            self._group.destroy()  # without autoTick: closes the transport and journal now
+            for fd in list(self._poller.fds):
+                self.hub.unsubscribe(fd)
+            _close_pipe_notifier(self._group)
+
+        try:
+            self.hub.remove(self.transport, then=detach)
+        except (RuntimeError, TimeoutError):
+            log.warning("shard %d: the Raft hub is gone; closing the group here", self.shard_id)
+            detach()
+        if self._own_hub:
+            self.hub.close()
         self.store.close()
 
     # -- snapshots -------------------------------------------------------------

@@ -24,6 +24,7 @@ import random
 import shutil
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,7 @@ from raftkv.protocol.messages import (
     WriteRequest,
     decode_request,
 )
+from raftkv.replication.hub import RaftHub
 from raftkv.replication.replica import Replica
 from raftkv.server.proposer import OnDone, Proposer
 from raftkv.server.rpc import RpcServer
@@ -130,6 +132,8 @@ class NodeServer:
         self.secret = secret
         self.links = FaultLinks(cluster, node_id, faults)
         self.replicas: dict[int, Replica] = {}
+        self.hub: RaftHub | None = None
+        self._hub_lock = threading.Lock()
         self.proposers: dict[int, Proposer] = {}
         self.descriptors: dict[int, dict[str, Any]] = {}
         self._keyspaces: dict[int, dict[str, tuple[int, int]]] = {}
@@ -164,7 +168,20 @@ class NodeServer:
         shard_id = int(descriptor["shard"])
         return Replica(shard_id, self._replica_dir(shard_id), descriptor["raft_address"],
                        list(descriptor["peers"]), self.secret, settings=self.cluster.raft,
-                       link=self.links.delay_s)
+                       link=self.links.delay_s, hub=self._open_hub())
+
+    def _open_hub(self) -> RaftHub:
+        """The node's one Raft transport, for all its replicas (opened with the first)."""
+        with self._hub_lock:
+            if self.hub is None:
+                raft = self.cluster.raft
+                self.hub = RaftHub(f"{self.node.host}:{self.node.raft_port_min}", self.secret,
+                                   route=self.cluster.hub_address_of,
+                                   tick_period_s=raft.tick_period_s,
+                                   connection_retry_s=raft.connection_retry_s,
+                                   connection_timeout_s=raft.connection_timeout_s,
+                                   name=f"raft-hub-{self.node.id}")
+            return self.hub
 
     async def open_replica(self, descriptor: dict[str, Any]) -> None:
         shard_id = int(descriptor["shard"])
@@ -203,11 +220,14 @@ class NodeServer:
     def close(self) -> None:
         for replica in self.replicas.values():
             replica.destroy()
+        if self.hub is not None:
+            self.hub.close()
 
     # -- serving -------------------------------------------------------------------
 
     async def serve(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         self._token = trio.lowlevel.current_trio_token()
+        self._open_hub()  # a taken Raft port stops the node here, with the error
         listeners = await trio.open_tcp_listeners(self.node.client_port, host=self.node.host)
         self.listen_port = listeners[0].socket.getsockname()[1]
         async with trio.open_nursery() as nursery:
@@ -515,6 +535,7 @@ class NodeServer:
             "node": self.node.id, "dc": self.node.dc, "pid": os.getpid(),
             "client_address": self.node.client_address, "uptime_s": time.time() - self.started_at,
             "map_version": self.map_version, "faults": self.links.spec.to_json(),
+            "raft_hub": self.hub.stats() if self.hub is not None else None,
             "shards": shards,
         }
 

@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pysyncobj.transport import TCPTransport
+from pysyncobj.transport import Transport
 
 from raftkv.errors import RaftKVError
 from raftkv.faults import FaultSpec
-from raftkv.replication.replica import RaftSettings, Replica, _DurableTransport
+from raftkv.replication.replica import RaftSettings, Replica, _HubTransport
 from raftkv.statemachine import layout
 from tests.replication.support import FAST, put_command, submit, wait_for
 
@@ -113,7 +113,7 @@ def contents(replica: Replica) -> tuple[int, list[tuple[bytes, bytes]]]:
 
 
 def transport_of(replica: Replica) -> Any:
-    return replica._group._SyncObj__transport
+    return replica.transport
 
 
 def test_faults_cut_leader_is_replaced_and_catches_up_after_heal(
@@ -125,14 +125,14 @@ def test_faults_cut_leader_is_replaced_and_catches_up_after_heal(
     wait_for(lambda: all(r.store.get(key(b"before")) == b"v" for r in group.replicas))
 
     sent: list[tuple[Any, str]] = []
-    real_send = TCPTransport.send
+    real_hand = _HubTransport._hand
 
-    def record_send(self: Any, node: Any, message: Any) -> Any:
-        sent.append((self, str(node.id)))
-        return real_send(self, node, message)
+    def record_send(self: Any, address: str, message: Any, late: bool) -> Any:
+        sent.append((self, address))
+        return real_hand(self, address, message, late)
 
     group.net.spec = group.net.spec.isolate([old.self_address], group.addresses)
-    monkeypatch.setattr(TCPTransport, "send", record_send)
+    monkeypatch.setattr(_HubTransport, "_hand", record_send)
     stranded: list[tuple[Any, RaftKVError | None]] = []
     old.submit(put_command(2, b"stranded"), lambda r, e: stranded.append((r, e)))
 
@@ -200,19 +200,19 @@ def test_faults_incoming_messages_from_a_cut_peer_are_dropped(
 
     delivered: list[tuple[Any, str]] = []
     sent: list[tuple[Any, str]] = []
-    real_received = TCPTransport._onMessageReceived
-    real_send = TCPTransport.send
+    real_received = Transport._onMessageReceived
+    real_hand = _HubTransport._hand
 
     def record_received(self: Any, node: Any, message: Any) -> None:
         delivered.append((self, str(node.id)))
         real_received(self, node, message)
 
-    def record_send(self: Any, node: Any, message: Any) -> Any:
-        sent.append((self, str(node.id)))
-        return real_send(self, node, message)
+    def record_send(self: Any, address: str, message: Any, late: bool) -> Any:
+        sent.append((self, address))
+        return real_hand(self, address, message, late)
 
-    monkeypatch.setattr(TCPTransport, "_onMessageReceived", record_received)
-    monkeypatch.setattr(TCPTransport, "send", record_send)
+    monkeypatch.setattr(Transport, "_onMessageReceived", record_received)
+    monkeypatch.setattr(_HubTransport, "_hand", record_send)
     group.net.deaf.add((deaf.self_address, leader.self_address))
     dropped_before = transport_of(deaf).dropped_cut_in
     time.sleep(0.1)  # messages already past the check drain
@@ -246,19 +246,19 @@ def test_faults_messages_to_a_peer_keep_their_order_when_the_delay_drops(
 
     handed: list[tuple[Any, str, Any]] = []  # what pysyncobj asked to send, in order
     wire: list[tuple[Any, str, Any]] = []  # what reached the socket layer, in order
-    real_durable_send = _DurableTransport.send
-    real_send = TCPTransport.send
+    real_send = _HubTransport.send
+    real_hand = _HubTransport._hand
 
     def record_handed(self: Any, node: Any, message: Any) -> bool:
         handed.append((self, str(node.id), message))
-        return real_durable_send(self, node, message)
-
-    def record_wire(self: Any, node: Any, message: Any) -> Any:
-        wire.append((self, str(node.id), message))
         return real_send(self, node, message)
 
-    monkeypatch.setattr(_DurableTransport, "send", record_handed)
-    monkeypatch.setattr(TCPTransport, "send", record_wire)
+    def record_wire(self: Any, address: str, message: Any, late: bool) -> Any:
+        wire.append((self, address, message))
+        return real_hand(self, address, message, late)
+
+    monkeypatch.setattr(_HubTransport, "send", record_handed)
+    monkeypatch.setattr(_HubTransport, "_hand", record_wire)
     group.net.spec = group.net.spec.with_latency(150)
     results: list[tuple[Any, RaftKVError | None]] = []
     leader.submit(put_command(2, b"held"), lambda r, e: results.append((r, e)))
@@ -288,7 +288,7 @@ def test_faults_held_messages_beyond_the_bound_are_dropped(
         faulty_group: MakeGroup, monkeypatch: pytest.MonkeyPatch) -> None:
     """A full delay queue drops new messages, as a full network buffer would;
     Raft resends, so writes still commit."""
-    monkeypatch.setattr(_DurableTransport, "DELAYED_MAX", 4)
+    monkeypatch.setattr(_HubTransport, "DELAYED_MAX", 4)
     group = faulty_group(3, dcs=["dc1", "dc2", "dc3"])
     leader = group.leader()
     commit(leader, 1, b"warm")

@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 from pysyncobj import SyncObj, SyncObjConf, replicated
 from pysyncobj.journal import FileJournal, ResizableFile
-from pysyncobj.transport import TCPTransport
 
 from raftkv.localcluster import free_port
 from raftkv.replication import replica as replica_mod
+from raftkv.replication.hub import RaftHub
 from raftkv.replication.journal import DurableJournal
 from raftkv.replication.replica import RaftSettings, Replica
 from raftkv.statemachine import layout
@@ -75,52 +75,52 @@ def test_pysyncobj_file_journal_never_syncs(tmp_path: Path,
     assert calls == []  # the defect: nothing reaches stable storage
 
 
+def _record_unsynced_acks(monkeypatch: pytest.MonkeyPatch) -> tuple[list[str], list[int]]:
+    """Watch the one place Raft messages leave a process (``RaftHub._transmit``):
+    every follower ack (next_node_idx) whose sender's journal still holds
+    unsynced entries is recorded."""
+    unsynced: list[str] = []
+    sent = [0]
+    real_transmit = RaftHub._transmit
+
+    def checked_transmit(self: RaftHub, out: Any, messages: list[Any]) -> None:
+        for _to, source, message in messages:
+            sent[0] += 1
+            member = self._members.get(source)
+            if (member is not None and member._journal.unsynced
+                    and message.get("type") == "next_node_idx"):
+                unsynced.append(source)
+        real_transmit(self, out, messages)
+
+    monkeypatch.setattr(RaftHub, "_transmit", checked_transmit)
+    return unsynced, sent
+
+
 def test_every_message_leaves_after_its_entries_are_synced(
         group: Callable[..., list[Replica]], monkeypatch: pytest.MonkeyPatch) -> None:
     """Group commit: when a follower's ack (next_node_idx) is sent, its journal
     has no unsynced entry, so an ack only ever describes entries on disk. (A
     leader may send append-entries before its own sync, as Raft allows: it
-    counts itself toward a commit only after the end-of-tick sync.)"""
-    unsynced_sends: list[str] = []
-    sends = [0]
-    real_send = TCPTransport.send
-
-    def checked_send(self: Any, node: Any, message: Any) -> Any:
-        journal = getattr(self, "_journal", None)
-        sends[0] += 1
-        if journal is not None and journal.unsynced and message.get("type") == "next_node_idx":
-            unsynced_sends.append(message.get("type", "?"))
-        return real_send(self, node, message)
-
-    monkeypatch.setattr(TCPTransport, "send", checked_send)
+    counts itself toward a commit only after the round's sync.)"""
+    unsynced, sent = _record_unsynced_acks(monkeypatch)
     replicas = group(3)
     leader = leader_of(replicas)
     for seq in range(1, 60):
         submit_and_wait(leader, put_command(seq, b"k%d" % seq))
-    assert sends[0] > 100
-    assert unsynced_sends == []
+    assert sent[0] > 100
+    assert unsynced == []
     assert all(r.journal.syncs > 0 for r in replicas)
 
 
 def test_the_check_above_can_fail(group: Callable[..., list[Replica]],
                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """Without the syncing transport, the same check sees unsynced sends."""
-    # A lambda, not TCPTransport.send itself: it must find the send patched below.
-    monkeypatch.setattr(replica_mod._DurableTransport, "send",
-                        lambda self, node, message: TCPTransport.send(self, node, message))  # noqa: PLW0108
-    unsynced_sends: list[str] = []
-    real_send = TCPTransport.send
-
-    def checked_send(self: Any, node: Any, message: Any) -> Any:
-        if self._journal.unsynced and message.get("type") == "next_node_idx":
-            unsynced_sends.append(message.get("type", "?"))
-        return real_send(self, node, message)
-
-    monkeypatch.setattr(TCPTransport, "send", checked_send)
+    """If acks did not wait for the sync, the same check sees unsynced sends."""
+    monkeypatch.setattr(replica_mod._HubTransport, "_WAIT_FOR_SYNC", frozenset())
+    unsynced, _ = _record_unsynced_acks(monkeypatch)
     leader = leader_of(group(3))
     for seq in range(1, 20):
         submit_and_wait(leader, put_command(seq, b"k%d" % seq))
-    assert unsynced_sends
+    assert unsynced
 
 
 # -- 2. an exception in apply makes pysyncobj apply the entry again ----------------

@@ -1,0 +1,186 @@
+"""The process-wide Raft transport (raftkv/replication/hub.py), over real
+sockets on 127.0.0.1: routing between processes, the sync-before-ack order,
+refusing peers without the secret, reconnecting after a restart, and not
+leaking file descriptors as replicas come and go."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from raftkv.localcluster import free_port
+from raftkv.replication.hub import RaftHub
+from raftkv.replication.replica import Replica
+from tests.replication.support import FAST, put_command, submit, wait_for
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class Member:
+    """A stand-in group member that records what the hub does to it."""
+
+    def __init__(self, address: str, peers: list[str], log: list[Any] | None = None) -> None:
+        self.address = address
+        self.peers = peers
+        self.got: list[tuple[str, Any]] = []
+        self.links: list[tuple[str, bool]] = []
+        self.dirty = False
+        self.log = log if log is not None else []
+
+    def peer_addresses(self) -> list[str]:
+        return self.peers
+
+    def deliver(self, source: str, message: Any) -> None:
+        self.got.append((source, message))
+        self.log.append(("deliver", self.address, message))
+
+    def peer_link(self, hub_address: str, up: bool) -> None:
+        self.links.append((hub_address, up))
+
+    def tick(self) -> None:
+        pass
+
+    @property
+    def unsynced(self) -> bool:
+        return self.dirty
+
+    def sync(self) -> None:
+        if self.dirty:
+            self.log.append(("sync", self.address))
+        self.dirty = False
+
+    def end_round(self) -> None:
+        pass
+
+    def release_due(self, now: float) -> float | None:
+        return None
+
+
+@pytest.fixture
+def hubs() -> Iterator[Callable[..., RaftHub]]:
+    made: list[RaftHub] = []
+
+    def make(address: str | None = None, secret: str = "s3cret",
+             route: dict[str, str] | None = None) -> RaftHub:
+        hub = RaftHub(address or f"127.0.0.1:{free_port()}", secret,
+                      route=route.get if route is not None else None, connection_retry_s=0.1)
+        made.append(hub)
+        return hub
+
+    yield make
+    for hub in made:
+        hub.close()
+
+
+def send(hub: RaftHub, to_hub: str, message: Any, late: bool = False) -> None:
+    hub.call(lambda: hub.enqueue(to_hub, message, late))
+
+
+def pair(make: Callable[..., RaftHub]) -> tuple[RaftHub, RaftHub, Member, Member, dict[str, str]]:
+    route: dict[str, str] = {}
+    one, two = make(route=route), make(route=route)
+    route.update({"a:1": one.address, "b:1": two.address})
+    a, b = Member("a:1", ["b:1"]), Member("b:1", ["a:1"])
+    one.add(a)
+    two.add(b)
+    wait_for(lambda: (two.address, True) in a.links and (one.address, True) in b.links)
+    return one, two, a, b, route
+
+
+def test_messages_reach_the_member_on_the_other_process_in_order(
+        hubs: Callable[..., RaftHub]) -> None:
+    one, two, _a, b, _ = pair(hubs)
+    for start in range(0, 500, 50):  # 50 messages in each round of the hub
+        def queue(start: int = start) -> None:
+            for i in range(start, start + 50):
+                one.enqueue(two.address, ("b:1", "a:1", {"n": i, "data": b"x" * (i % 7)}), False)
+        one.call(queue)
+    send(one, two.address, ("nobody:1", "a:1", {"n": -1}))  # no such member there: dropped
+    wait_for(lambda: len(b.got) == 500)
+    assert [m["n"] for _, m in b.got] == list(range(500))
+    assert {s for s, _ in b.got} == {"a:1"}
+    stats = one.stats()
+    assert stats["frames_sent"] < stats["messages_sent"]  # many messages per frame
+    wait_for(lambda: two.stats()["messages_dropped"] == 1)
+
+
+def test_a_late_message_leaves_only_after_its_members_journal_sync(
+        hubs: Callable[..., RaftHub]) -> None:
+    one, two, a, b, _ = pair(hubs)
+    log: list[Any] = []
+    a.log = b.log = log
+    for i in range(20):
+        def queue(i: int = i) -> None:
+            a.dirty = True  # an entry appended this round
+            one.enqueue(two.address, ("b:1", "a:1", {"ack": i}), True)
+        one.call(queue)
+        wait_for(lambda i=i: ("deliver", "b:1", {"ack": i}) in log)
+    for i in range(20):
+        delivered = log.index(("deliver", "b:1", {"ack": i}))
+        assert ("sync", "a:1") in log[:delivered]
+        assert log[:delivered].count(("sync", "a:1")) == i + 1
+
+
+def test_a_peer_without_the_secret_is_refused_and_others_are_still_served(
+        hubs: Callable[..., RaftHub]) -> None:
+    one, two, _a, b, route = pair(hubs)
+    intruder = hubs(secret="wrong", route=route)
+    route["c:1"] = intruder.address
+    c = Member("c:1", ["b:1"])
+    intruder.add(c)
+    wait_for(lambda: (two.address, True) in c.links)  # the hello carries no secret
+    send(intruder, two.address, ("b:1", "a:1", {"forged": True}))
+    wait_for(lambda: (two.address, False) in c.links)  # two closed the connection
+    with socket.create_connection(("127.0.0.1", int(two.address.rsplit(":", 1)[1]))) as raw:
+        raw.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 10)
+        raw.settimeout(5)
+        while raw.recv(4096):
+            pass  # the hub's hello, then the close
+    send(one, two.address, ("b:1", "a:1", {"real": True}))
+    wait_for(lambda: ("a:1", {"real": True}) in b.got)
+    assert all("forged" not in m for _, m in b.got)
+
+
+def test_a_restarted_peer_is_reconnected(hubs: Callable[..., RaftHub]) -> None:
+    one, two, a, _b, route = pair(hubs)
+    address = two.address
+    two.close()
+    wait_for(lambda: (address, False) in a.links)
+    send(one, address, ("b:1", "a:1", {"lost": True}))  # nobody listens: dropped
+    again = hubs(address=address, route=route)
+    b2 = Member("b:1", ["a:1"])
+    again.add(b2)
+    wait_for(lambda: a.links[-1] == (address, True))
+    send(one, address, ("b:1", "a:1", {"after": True}))
+    wait_for(lambda: b2.got == [("a:1", {"after": True})])
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_replicas_opened_and_closed_on_one_hub_leak_no_file_descriptors(
+        tmp_path: Path, hubs: Callable[..., RaftHub]) -> None:
+    hub = hubs()
+    address = f"127.0.0.1:{free_port()}"
+
+    def cycle(i: int) -> None:
+        replica = Replica(0, tmp_path / f"r{i}", address, [], "s3cret", settings=FAST, hub=hub)
+        wait_for(lambda: replica.is_leader)
+        result, error = submit(replica, put_command(1, b"k"))
+        assert error is None and result is not None
+        replica.destroy()
+
+    cycle(0)
+    before = _open_fds()
+    for i in range(1, 11):
+        cycle(i)
+    time.sleep(0.2)
+    assert _open_fds() <= before + 2
+    assert hub.stats()["groups"] == 0

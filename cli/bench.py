@@ -22,6 +22,7 @@ import trio
 
 from raftkv.client import open_client
 from raftkv.localcluster import LocalCluster
+from raftkv_cli.common import open_cluster
 from raftkv_cli.workload import percentile, run_clients
 
 
@@ -77,7 +78,7 @@ def run_bench(cluster_dir: Path, counts: list[int], duration_s: float, value_byt
     results: list[dict[str, Any]] = []
     for shards in physical_shards:
         if directory.exists():
-            old = LocalCluster(directory) if (directory / "cluster.json").exists() else None
+            old = open_cluster(directory) if (directory / "cluster.json").exists() else None
             if old is not None:
                 old.stop()
             shutil.rmtree(directory)

@@ -183,7 +183,10 @@ def load(directory: Path) -> tuple[ClusterConfig, str]:
         secret = (Path(directory) / SECRET_NAME).read_text().strip()
     except FileNotFoundError:
         raise ConfigError(f"no cluster secret at {directory}/{SECRET_NAME}") from None
-    return ClusterConfig.from_json(data), secret
+    try:
+        return ClusterConfig.from_json(data), secret
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
 
 
 def save(directory: Path, config: ClusterConfig, secret: str | None = None) -> str:

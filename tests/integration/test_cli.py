@@ -176,3 +176,19 @@ def test_cli_without_a_cluster(tmp_path: Path) -> None:
     missing = run("get", "k", "--cluster", str(tmp_path / "does-not-exist"))
     assert missing.returncode == 3
     one_error_line(missing)
+
+
+def test_cli_with_a_cluster_directory_of_another_version(tmp_path: Path) -> None:
+    """One line naming the file, not a traceback; bench does not delete what it
+    cannot stop."""
+    old = tmp_path / "old"
+    (old / "bench").mkdir(parents=True)
+    for directory in (old, old / "bench"):
+        (directory / "cluster.json").write_text('{"version": 1}')
+        (directory / "secret").write_text("s")
+    for args in (["status"], ["bench", "--clients", "1", "--physical-shards", "1"]):
+        result = run(*args, "--cluster", str(old))
+        assert result.returncode == 3, (args, result.stderr.decode())
+        line = one_error_line(result)
+        assert "cluster.json: cluster config version 1 is not supported" in line, line
+    assert (old / "bench" / "cluster.json").exists()

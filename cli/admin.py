@@ -13,10 +13,8 @@ import trio
 
 from raftkv.client.client import open_client
 from raftkv.errors import RaftKVError
-from raftkv.faults import FaultSpec
-from raftkv.localcluster import ClusterError, LocalCluster, request
+from raftkv.localcluster import ClusterError, LocalCluster
 from raftkv.protocol.messages import PutOp
-from raftkv.server.node import FAULTS_NAME
 from raftkv_cli.common import (
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
@@ -238,7 +236,7 @@ def fault(cluster_dir: Path, action: str, targets: tuple[str, ...]) -> None:
     show               print the fault spec
     """
     cluster = open_cluster(cluster_dir)
-    spec = _current_spec(cluster)
+    spec = cluster.fault_spec()
     everyone = cluster.config.process_ids
     dcs = {p: cluster.config.dc_of(p) for p in everyone}
     try:
@@ -269,8 +267,7 @@ def fault(cluster_dir: Path, action: str, targets: tuple[str, ...]) -> None:
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
     if action != "show":
-        (cluster.directory / FAULTS_NAME).write_text(json.dumps(spec.to_json()) + "\n")
-        unreachable = _push_spec(cluster, spec)
+        unreachable = cluster.set_fault_spec(spec)
         if unreachable:
             click.echo(f"not running (they read the spec when they start): "
                        f"{', '.join(unreachable)}", err=True)
@@ -287,23 +284,6 @@ def _known(ids: Any, known: Any) -> None:
     if unknown:
         raise click.UsageError(f"unknown: {', '.join(unknown)} (known: "
                                f"{', '.join(sorted(known))})")
-
-
-def _current_spec(cluster: LocalCluster) -> FaultSpec:
-    path = cluster.directory / FAULTS_NAME
-    if path.exists():
-        return FaultSpec.from_json(json.loads(path.read_text()))
-    return FaultSpec(inter_dc_latency_ms=cluster.config.inter_dc_latency_ms)
-
-
-def _push_spec(cluster: LocalCluster, spec: FaultSpec) -> list[str]:
-    unreachable = []
-    for process_id in cluster.process_ids:
-        try:
-            request(cluster.address(process_id), {"op": "fault", "spec": spec.to_json()})
-        except (OSError, RaftKVError):
-            unreachable.append(process_id)
-    return unreachable
 
 
 async def _import(managers: list[str], keyspace: str, pairs: list[tuple[bytes, bytes]]) -> None:

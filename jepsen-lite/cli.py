@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Any, Final
 
 import click
@@ -123,7 +124,7 @@ def cli() -> None:
     show_default=True,
     help="How many operations of the counterexample to show.",
 )
-def check_command(  # noqa: PLR0917 - click passes options positionally
+def check_command(
     file: str,
     fmt: str,
     model: str | None,
@@ -230,6 +231,124 @@ def _state(model: Model, state: Any) -> str:
     if len(text) > _STATE_CHARS_MAX:
         text = text[: _STATE_CHARS_MAX - 3] + "..."
     return text
+
+
+@cli.command("run")
+@click.option("--target", type=click.Choice(["raftkv", "etcd"]), default="raftkv",
+              show_default=True)
+@click.option("--workload", type=click.Choice(["register", "set"]), default="register",
+              show_default=True)
+@click.option("--nemesis", "nemesis_text", default="kill,partition", show_default=True,
+              help="Comma-separated: kill, pause, partition, manager; or none.")
+@click.option("--time-limit", "time_limit_s", type=click.FloatRange(min=1), default=30.0,
+              show_default=True, help="Seconds of load with faults.")
+@click.option("--concurrency", type=click.IntRange(1, 256), default=8, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--rate", "rate_per_s", type=click.FloatRange(min=1), default=200.0,
+              show_default=True, help="Operations per second, all clients together.")
+@click.option("--cluster", "cluster_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=None, help="A running raftkv cluster to use (default: start one in "
+              "OUT/cluster and stop it at the end).")
+@click.option("--read-consistency", type=click.Choice(["strong", "eventual"]),
+              default="strong", show_default=True,
+              help="raftkv reads; eventual is deliberately not linearizable.")
+@click.option("--check-timeout-s", type=click.FloatRange(min=1), default=120.0,
+              show_default=True)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              required=True, help="Where history.jsonl, result.json and the plots go.")
+def run_command(
+        target: str, workload: str, nemesis_text: str, time_limit_s: float, concurrency: int,
+        seed: int, rate_per_s: float, cluster_dir: Path | None, read_consistency: str,
+        check_timeout_s: float, out_dir: Path) -> None:
+    """Run a workload with faults against a target, check it, write a report.
+
+    Exit code: the checker's (0 linearizable, 1 not, 2 unknown); 3 when the
+    run could not be set up."""
+    from jepsen_lite import runner
+    from jepsen_lite.nemesis import parse_nemeses
+
+    try:
+        nemeses = parse_nemeses(nemesis_text)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--nemesis") from exc
+    config = runner.RunConfig(workload=workload, nemeses=tuple(nemeses),
+                              time_limit_s=time_limit_s, concurrency=concurrency, seed=seed,
+                              rate_per_s=rate_per_s, check_timeout_s=check_timeout_s)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        if target == "etcd":
+            if workload != "register" or read_consistency != "strong":
+                raise click.BadParameter("etcd runs the register workload with strong reads",
+                                         param_hint="--target")
+            result = _run_etcd(config, out_dir)
+        else:
+            result = _run_raftkv(config, out_dir, cluster_dir, read_consistency)
+    except _SetupError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_INPUT_ERROR)
+    ops = result.get("outcomes", {})
+    click.echo(f"{result['verdict'].upper()}  {result['target']} {workload}, "
+               f"nemesis {','.join(nemeses) or 'none'}, {time_limit_s:g} s: "
+               f"ok {ops.get('ok', 0)}, fail {ops.get('fail', 0)}, info {ops.get('info', 0)}; "
+               f"{len(result.get('faults', []))} faults")
+    for line in result.get("check", {}).get("report", []):
+        click.echo(line)
+    click.echo(f"report in {out_dir}")
+    sys.exit(runner.EXIT_CODES[result["verdict"]])
+
+
+class _SetupError(Exception):
+    """The system under test could not be started (or found)."""
+
+
+def _run_raftkv(config: Any, out_dir: Path, cluster_dir: Path | None,
+                read_consistency: str) -> dict[str, Any]:
+    from jepsen_lite import runner
+    from jepsen_lite.raftkv_target import RaftkvTarget
+    from raftkv.localcluster import ClusterError, LocalCluster
+
+    owned = cluster_dir is None
+    try:
+        if owned:
+            directory = out_dir / "cluster"
+            if directory.exists():
+                import shutil
+
+                shutil.rmtree(directory)
+            cluster = LocalCluster.create(directory)
+            cluster.start()
+        else:
+            assert cluster_dir is not None
+            cluster = LocalCluster(cluster_dir)
+            cluster.wait_ready(timeout_s=30)
+    except (ClusterError, OSError, ValueError) as exc:
+        raise _SetupError(f"raftkv cluster: {exc}") from exc
+    try:
+        target = RaftkvTarget(cluster, read_consistency=read_consistency)
+        return runner.run(target, config, out_dir, {
+            "read_consistency": read_consistency, "cluster": str(cluster.directory)})
+    finally:
+        if owned:
+            cluster.stop()
+
+
+def _run_etcd(config: Any, out_dir: Path) -> dict[str, Any]:
+    from jepsen_lite import etcd, runner
+
+    try:
+        binary = etcd.ensure_etcd()
+    except etcd.EtcdUnavailable as exc:
+        raise _SetupError(str(exc)) from exc
+    cluster = etcd.EtcdCluster(out_dir / "etcd", binary=binary)
+    try:
+        try:
+            cluster.start()
+        except Exception as exc:
+            raise _SetupError(f"etcd did not start: {exc}") from exc
+        return runner.run(etcd.EtcdTarget(cluster), config, out_dir,
+                          {"etcd_binary": str(binary)})
+    finally:
+        cluster.stop()
 
 
 def main() -> None:

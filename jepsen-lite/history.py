@@ -49,7 +49,8 @@ Status = Literal["ok", "fail", "info"]
 
 EVENT_TYPES: Final = frozenset({"invoke", "ok", "fail", "info"})
 COMPLETION_TYPES: Final = frozenset({"ok", "fail", "info"})
-CLIENT_FUNCTIONS: Final = frozenset({"read", "write", "cas", "get", "put", "append", "txn"})
+CLIENT_FUNCTIONS: Final = frozenset({"read", "write", "cas", "get", "put", "append", "txn",
+                                     "add", "read-set"})
 
 
 class HistoryError(ValueError):

@@ -30,6 +30,8 @@ from typing import Any
 _FIELDS = frozenset({"inter_dc_latency_ms", "cuts"})
 
 
+FAULTS_NAME = "faults.json"  # in the cluster directory; every process reads it at start
+
 def _pair(a: str, b: str) -> tuple[str, str]:
     return (a, b) if a <= b else (b, a)
 

@@ -10,6 +10,7 @@ and a signal to the CLI does not reach them.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import signal
@@ -25,6 +26,7 @@ import cbor2
 from raftkv import config as configmod
 from raftkv.config import ClusterConfig, KeyspaceDefaults, ManagerConfig, NodeConfig
 from raftkv.errors import NotLeader, RaftKVError, Unavailable, error_from_wire
+from raftkv.faults import FAULTS_NAME, FaultSpec
 from raftkv.protocol.framing import FrameDecoder, encode_frame
 from raftkv.replication.replica import RaftSettings
 
@@ -251,7 +253,8 @@ class LocalCluster:
                 "shardmgr"
         else:
             node = self.config.node(node_id)
-            host, ports, command = node.host, [node.client_port], "node"
+            # The node's Raft hub listens on the first port of its Raft range.
+            host, ports, command = node.host, [node.client_port, node.raft_port_min], "node"
         for port in ports:
             if not port_is_free(host, port):
                 raise ClusterError(f"cannot start {node_id}: port {port} on {host} is in use")
@@ -323,6 +326,27 @@ class LocalCluster:
             self.stop_node(process_id)
 
     # -- readiness -----------------------------------------------------------------
+
+    # -- network faults ---------------------------------------------------------------
+
+    def fault_spec(self) -> FaultSpec:
+        """The fault spec in force (``faults.json``, else only the configured latency)."""
+        path = self.directory / FAULTS_NAME
+        if path.exists():
+            return FaultSpec.from_json(json.loads(path.read_text()))
+        return FaultSpec(inter_dc_latency_ms=self.config.inter_dc_latency_ms)
+
+    def set_fault_spec(self, spec: FaultSpec) -> list[str]:
+        """Save ``spec`` (processes read it when they start) and push it to every
+        running process; returns the processes that did not take it."""
+        (self.directory / FAULTS_NAME).write_text(json.dumps(spec.to_json()) + "\n")
+        unreachable = []
+        for process_id in self.process_ids:
+            try:
+                request(self.address(process_id), {"op": "fault", "spec": spec.to_json()})
+            except (OSError, RaftKVError):
+                unreachable.append(process_id)
+        return unreachable
 
     def statuses(self, timeout_s: float = 1.0) -> dict[str, dict[str, Any] | None]:
         """Status of every node and shard manager replica (None: no answer)."""

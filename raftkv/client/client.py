@@ -407,8 +407,12 @@ class AsyncClient:
         return min(self._outstanding) - 1 if self._outstanding else self._seq
 
     def _pick(self, route: Route, leader_only: bool) -> str:
+        if not leader_only and route.replicas:
+            # Eventual reads spread over every replica: that is what they are for
+            # (and why they may be stale).
+            return random.choice(route.replicas)
         leader = self._leaders.get(route.shard)
-        if leader is not None and (leader_only or leader in route.replicas):
+        if leader is not None:
             return leader
         if not route.replicas:
             raise Unavailable(f"the shard map lists no replica of shard {route.shard}")

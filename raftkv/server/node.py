@@ -43,7 +43,7 @@ from raftkv.errors import (
     UnknownShard,
     WrongShard,
 )
-from raftkv.faults import FaultSpec
+from raftkv.faults import FAULTS_NAME, FaultSpec
 from raftkv.protocol.messages import (
     DEFAULT_LIMITS,
     CasOp,
@@ -76,7 +76,6 @@ log = logging.getLogger(__name__)
 REQUEST_TIMEOUT_S = 10.0
 HEARTBEAT_PERIOD_S = 0.5
 DESCRIPTOR_NAME = "replica.json"
-FAULTS_NAME = "faults.json"
 # The trio thread and pysyncobj's Raft thread share the GIL; at CPython's
 # default 5 ms switch interval a busy trio loop delays every Raft step by up
 # to 5 ms. Measured: 64-client strong reads went from ~3,900/s to ~4,400/s.

@@ -5,7 +5,10 @@ even when a run is killed by its timeout."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -14,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from jepsen_lite import etcd
 from raftkv.localcluster import LocalCluster
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(150)]
@@ -34,6 +38,24 @@ def run(out: Path, *args: str, timeout_s: float = 120) -> tuple[int, dict[str, A
     result = json.loads((out / "result.json").read_text()) if (out / "result.json").exists() \
         else {}
     return proc.returncode, result, proc.stdout + proc.stderr
+
+
+def _kill_processes_mentioning(text: str) -> list[int]:
+    """SIGKILL (after SIGCONT) every process whose command line mentions ``text``."""
+    killed = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if text in cmdline:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(entry.name), signal.SIGCONT)
+                os.kill(int(entry.name), signal.SIGKILL)
+                killed.append(int(entry.name))
+    return killed
 
 
 def nemesis_events(out: Path) -> list[dict[str, Any]]:
@@ -85,3 +107,22 @@ def test_bad_arguments_exit_3_with_one_line(out_dir: Path) -> None:
     code, _, output = run(out_dir, "--nemesis", "kill,chaos", timeout_s=30)
     assert code == 3
     assert "unknown nemesis chaos" in output
+
+
+def test_etcd_runs_the_same_workload_and_is_linearizable(tmp_path: Path) -> None:
+    """A system nobody here wrote: 3 etcd members on loopback, kills and pauses."""
+    try:
+        etcd.ensure_etcd()
+    except etcd.EtcdUnavailable as exc:
+        pytest.skip(str(exc))
+    out = tmp_path / "etcd-run"
+    try:
+        code, result, output = run(out, "--target", "etcd", "--nemesis", "kill,pause",
+                                   "--time-limit", "12", "--concurrency", "5", "--seed", "2")
+    finally:
+        leftovers = _kill_processes_mentioning(str(out))
+    assert leftovers == [], "the run left etcd members running"
+    assert code == 0, output
+    assert result["verdict"] == "linearizable" and result["target"] == "etcd"
+    assert result["outcomes"]["ok"] > 300
+    assert {f["kind"] for f in result["faults"]} == {"kill", "pause"}

@@ -98,9 +98,9 @@ class RaftkvTarget:
     def nemesis_targets(self) -> dict[str, list[str]]:
         nodes = self.cluster.node_ids
         dcs = sorted({self.cluster.config.dc_of(n) for n in nodes})
-        partitions = [f"node:{n}" for n in nodes]
-        if len(dcs) < len(nodes):
-            partitions += [f"dc:{dc}" for dc in dcs]
+        # A node alone, or a whole data center (its nodes and its shard manager
+        # replica): a minority either way, with or without the leader.
+        partitions = [f"node:{n}" for n in nodes] + [f"dc:{dc}" for dc in dcs]
         return {"kill": nodes, "pause": nodes, "partition": partitions,
                 "manager": ["leader"]}
 

@@ -93,9 +93,23 @@ def test_eventual_reads_are_caught_not_linearizable(out_dir: Path) -> None:
     assert "NOT LINEARIZABLE" in output and "no linearization" in output
 
 
-def test_the_set_workload_loses_nothing_under_pauses_and_manager_kills(out_dir: Path) -> None:
-    code, result, output = run(out_dir, "--workload", "set", "--nemesis", "pause,manager,kill",
-                               "--time-limit", "15", "--concurrency", "6", "--seed", "5")
+def test_the_set_workload_loses_nothing_under_pauses_and_manager_kills(tmp_path: Path) -> None:
+    """Also: a run on a cluster given with --cluster leaves it running, healed."""
+    cluster = LocalCluster.create(tmp_path / "given")
+    try:
+        cluster.start()
+        out_dir = tmp_path / "run"
+        code, result, output = run(out_dir, "--workload", "set", "--nemesis",
+                                   "pause,manager,kill", "--time-limit", "15",
+                                   "--concurrency", "6", "--seed", "5",
+                                   "--cluster", str(cluster.directory))
+        after = LocalCluster(cluster.directory)  # (the run restarted some processes)
+        assert all(after.is_running(p) for p in after.process_ids)
+        assert not after.fault_spec().cuts
+        after.wait_ready(timeout_s=30)
+    finally:
+        LocalCluster(cluster.directory).stop()
+    assert not (out_dir / "cluster").exists()
     assert code == 0, output
     check = result["check"]
     assert check["checker"] == "set" and check["valid"] is True

@@ -13,12 +13,26 @@ import click
 import trio
 
 from raftkv.client import AsyncClient, open_client
+from raftkv.config import ConfigError
 from raftkv.errors import PreconditionFailed, RaftKVError
-from raftkv.localcluster import LocalCluster
+from raftkv.localcluster import LocalCluster, kill_processes_of
 from raftkv_cli.status import cluster_status, render_status
 from raftkv_cli.workload import percentile
 
 MARKER = ".raftkv-demo"
+
+
+def stop_demo_cluster(directory: Path) -> None:
+    """Stop the previous demo's cluster: by its config, or by its pid files when
+    this version cannot read the config (a demo made by an older version)."""
+    if not (directory / "cluster.json").exists():
+        return
+    try:
+        cluster = LocalCluster(directory)
+    except ConfigError:
+        kill_processes_of(directory)
+        return
+    cluster.stop()
 
 
 def _fresh_directory(directory: Path) -> None:
@@ -26,8 +40,7 @@ def _fresh_directory(directory: Path) -> None:
         if not (directory / MARKER).exists():
             raise click.UsageError(f"{directory} exists and is not a demo directory; "
                                    "give another --dir")
-        if (directory / "cluster.json").exists():
-            LocalCluster(directory).stop()
+        stop_demo_cluster(directory)
         shutil.rmtree(directory)
     directory.mkdir(parents=True)
     (directory / MARKER).write_text("created by raftkv demo; deleted by the next demo\n")

@@ -59,6 +59,25 @@ def port_is_free(host: str, port: int) -> bool:
         return True
 
 
+def kill_processes_of(directory: Path) -> list[int]:
+    """kill -9 every raftkv process of the cluster in ``directory``, found by its
+    pid files and checked against /proc, without reading the cluster config
+    (for a directory whose config this version cannot read). Returns the pids."""
+    killed = []
+    for pid_file in Path(directory).glob("*/node.pid"):
+        try:
+            pid = int(pid_file.read_text())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if b"raftkv_cli.main" in cmdline and str(directory).encode() in cmdline:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+    return killed
+
+
 def _process_alive(pid: int) -> bool:
     """False once ``pid`` has exited with all its threads (a zombie whose other
     threads are still exiting counts as alive: they may hold its sockets)."""

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from raftkv.localcluster import LocalCluster
+
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
 SCRIPT = Path(sys.executable).parent / "raftkv"
@@ -192,3 +194,28 @@ def test_cli_with_a_cluster_directory_of_another_version(tmp_path: Path) -> None
         line = one_error_line(result)
         assert "cluster.json: cluster config version 1 is not supported" in line, line
     assert (old / "bench" / "cluster.json").exists()
+
+
+def test_the_demo_replaces_a_demo_made_by_an_older_version(tmp_path: Path) -> None:
+    """The README's first command. A previous demo whose config this version
+    cannot read is still stopped (by its pid files) and replaced."""
+    demo = tmp_path / "demo"
+    (demo / "n1").mkdir(parents=True)
+    (demo / ".raftkv-demo").write_text("created by raftkv demo\n")
+    (demo / "cluster.json").write_text('{"version": 1}')
+    (demo / "secret").write_text("s")
+    old = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)",
+                            "raftkv_cli.main", "node", "--cluster", str(demo)])
+    (demo / "n1" / "node.pid").write_text(str(old.pid))
+    try:
+        result = run("demo", "--dir", str(demo), "--keys", "300", "--clients", "4",
+                     timeout_s=80)
+        output = result.stdout.decode() + result.stderr.decode()
+        assert result.returncode == 0, output
+        assert old.wait(timeout=5) == -9  # the old demo's process was stopped
+        assert "300/300" in output, output
+    finally:
+        old.kill()
+        if (demo / "cluster.json").exists() and '"version": 1' not in (
+                demo / "cluster.json").read_text():
+            LocalCluster(demo).stop()

@@ -86,16 +86,19 @@ def _invoke_value(op: Op) -> Any:
 async def _run_op(client: Client, op: Op, process: int, recorder: Recorder, *,
                   timeout_s: float) -> Completion:
     recorder.client("invoke", process, op, _invoke_value(op))
-    completion = Completion("info", error="timeout")
-    with trio.move_on_after(timeout_s):
-        try:
-            completion = await client.invoke(op)
-        except Exception as exc:  # a client bug must not end the run; the outcome is unknown
-            log.warning("client error on %s: %r", op, exc)
-            completion = Completion("info", error=f"client error: {exc!r}")
-    value = completion.value if op.f in ("read", "read-set") and completion.type == "ok" \
-        else _invoke_value(op)
-    recorder.client(completion.type, process, op, value, completion.error)
+    completion = Completion("info", error="the client failed while the operation was open")
+    try:
+        completion = Completion("info", error="timeout")
+        with trio.move_on_after(timeout_s):
+            try:
+                completion = await client.invoke(op)
+            except Exception as exc:  # a client bug must not end the run: outcome unknown
+                log.warning("client error on %s: %r", op, exc)
+                completion = Completion("info", error=f"client error: {exc!r}")
+    finally:  # also when the client's own tasks fail or the run is cancelled
+        value = completion.value if op.f in ("read", "read-set") and completion.type == "ok" \
+            else _invoke_value(op)
+        recorder.client(completion.type, process, op, value, completion.error)
     return completion
 
 
@@ -113,8 +116,9 @@ async def _worker(worker: int, target: Target, workload: Any, *, rng: random.Ran
                         process += config.concurrency
                         break  # a new process gets a new client
                     await trio.sleep(rng.uniform(0, 2 * mean_gap_s))
-        except Exception as exc:  # opening a client can fail during faults
+        except Exception as exc:  # opening (or running) a client can fail during faults
             log.info("worker %d: client failed: %r", worker, exc)
+            process += config.concurrency  # its last operation may have ended info
             await trio.sleep(0.2)
 
 

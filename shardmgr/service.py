@@ -254,6 +254,10 @@ class ManagerServer:
         self._nursery.start_soon(run)
 
     async def _map(self, fields: dict[str, Any]) -> Any:
+        """The client map: any replica's (possibly stale, which is harmless), or
+        with ``fresh``, the leader's after a barrier (every committed change)."""
+        if fields.get("fresh"):
+            return (await self.committed_state()).client_map()
         after = fields.get("after")
         if after is not None:
             wait_s = min(float(fields.get("wait_s", 10.0)), MAP_WAIT_S_MAX)

@@ -329,11 +329,15 @@ class AsyncClient:
         """The logical shard of ``key`` in this client's keyspace."""
         try:
             return (await self.shard_map()).logical_shard(self.keyspace, _b(key))
-        except UnknownKeyspace:  # the keyspace may be newer than the cached map
-            return (await self.shard_map(refresh=True)).logical_shard(self.keyspace, _b(key))
+        except UnknownKeyspace:
+            # The keyspace may be newer than the cached map, or than the map of
+            # the manager replica that answered: ask the leader for every change.
+            return (await self.shard_map(refresh=True, fresh=True)).logical_shard(
+                self.keyspace, _b(key))
 
-    async def shard_map(self, *, refresh: bool = False) -> ShardMap:
-        """The cached map (fetched on first use); ``refresh``: a newer one now."""
+    async def shard_map(self, *, refresh: bool = False, fresh: bool = False) -> ShardMap:
+        """The cached map (fetched on first use); ``refresh``: a newer one now
+        (``fresh``: from the manager's leader, with every committed change)."""
         if self._map is None or refresh:
             pending = self._map_fetch
             if pending is not None:
@@ -341,7 +345,8 @@ class AsyncClient:
             else:
                 self._map_fetch = trio.Event()
                 try:
-                    self._install(await self._manager_call({"op": "map"}, leader_only=False))
+                    request = {"op": "map", "fresh": True} if fresh else {"op": "map"}
+                    self._install(await self._manager_call(request, leader_only=fresh))
                 finally:
                     self._map_fetch.set()
                     self._map_fetch = None
@@ -451,11 +456,17 @@ class AsyncClient:
                 if trio.current_time() - self._map_fetched_at > MAP_REFRESH_ON_NO_LEADER_S:
                     # No hint: maybe an election, maybe the replicas moved.
                     await self.shard_map(refresh=True)
+            except ShardMoving as exc:
+                # The logical shard is cutting over to another group: back off (the
+                # group answered, so it stays the one to ask) and try again.
+                last = exc
             except (WrongShard, UnknownShard) as exc:
-                # Routed by a stale map (or the node has not opened the replica yet).
+                # Routed by a stale map (or the node has not opened the replica yet;
+                # or the logical shard moved, and the new map may not be out yet).
                 last = exc
                 self._rotate(route.shard)
-                await self.shard_map(refresh=True)
+                await self.shard_map(refresh=True, fresh=isinstance(exc, WrongShard)
+                                     and "moved_to" in exc.details)
             except _RETRY_DEFINITE as exc:
                 last = exc
                 self._rotate(route.shard)

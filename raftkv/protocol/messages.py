@@ -18,6 +18,9 @@ scan     shard, ls, [ks], [prefix], [after], [limit <= 10000], [cons]
 own      shard, ks, ks_id, L, ls: [logical shards]      (from the shard manager)
 drop     shard, ks, ks_id, n                            (from the shard manager)
 transfer shard, to (Raft address of a replica)          (leader balancing)
+move     shard, step, ks_id, ls, move, data: {...}      (a step of moving logical shard ls)
+move_read shard, ks_id, ls, after, limit                (a page of ls's keys, for a move)
+         | shard, move, from, limit                     (changelog records from seq ``from``)
 fault    spec (a ``raftkv.faults.FaultSpec`` as json)   (fault injection)
 status   (none)
 ping     (none)
@@ -39,6 +42,7 @@ from typing import Any, Literal
 import cbor2
 
 from raftkv.errors import BadRequest, RaftKVError, TooLarge
+from raftkv.statemachine.moves import DATA_CHECKS as MOVE_DATA_CHECKS
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,8 +165,36 @@ class FaultRequest:
     spec: dict[str, Any]
 
 
+@dataclass(frozen=True, slots=True)
+class MoveRequest:
+    id: int
+    shard: int
+    step: str
+    keyspace_id: int
+    logical_shard: int
+    move_id: int
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class MoveReadRequest:
+    """A page of a moving logical shard's raw keys after ``after`` (when
+    ``move_id`` is None), or changelog records of ``move_id`` from seq
+    ``from_seq``; read on the leader behind a barrier."""
+
+    id: int
+    shard: int
+    keyspace_id: int
+    logical_shard: int
+    after: bytes
+    move_id: int | None
+    from_seq: int
+    limit: int
+
+
 Request = (GetRequest | WriteRequest | ScanRequest | OwnRequest | DropRequest
-           | TransferRequest | FaultRequest | StatusRequest | PingRequest)
+           | TransferRequest | FaultRequest | StatusRequest | PingRequest | MoveRequest
+           | MoveReadRequest)
 SCAN_LIMIT_MAX = 10_000
 
 
@@ -311,6 +343,35 @@ def _decode_admin(msg: dict[str, Any], op: Any, request_id: int, context: str,
     return FaultRequest(request_id, spec)
 
 
+def _decode_move(msg: dict[str, Any], op: str, request_id: int, context: str,
+                 limits: Limits) -> Request:
+    shard = _uint(msg, "shard", context)
+    if op == "move":
+        step = _field(msg, "step", context)
+        data = _field(msg, "data", context)
+        if step not in MOVE_DATA_CHECKS:
+            raise BadRequest(f"{context}: field 'step' must be one of "
+                             f"{', '.join(MOVE_DATA_CHECKS)}")
+        if not isinstance(data, dict) or not MOVE_DATA_CHECKS[step](data):
+            raise BadRequest(f"{context}: field 'data' does not fit step {step!r}")
+        move_id = _uint(msg, "move", context)
+        if not 0 < move_id < 2**63:
+            raise BadRequest(f"{context}: field 'move' must be from 1 to 2**63-1")
+        return MoveRequest(request_id, shard, step, _u32(msg, "ks_id", context),
+                           _u32(msg, "ls", context), move_id, data)
+    limit = msg.get("limit", 1000)
+    if isinstance(limit, bool) or not isinstance(limit, int) or not (
+            1 <= limit <= SCAN_LIMIT_MAX):
+        raise BadRequest(f"{context}: field 'limit' must be an integer from 1 to "
+                         f"{SCAN_LIMIT_MAX}")
+    changelog_of = _uint(msg, "move", context) if "move" in msg else None
+    after = _bytes(msg, "after", context, limits.key_bytes_max + 64, "after key") \
+        if "after" in msg else b""
+    return MoveReadRequest(request_id, shard, _u32(msg, "ks_id", context),
+                           _u32(msg, "ls", context), after, changelog_of,
+                           _uint(msg, "from", context) if "from" in msg else 1, limit)
+
+
 def _decode_fields(msg: dict[str, Any], request_id: int, limits: Limits) -> Request:
     op = msg.get("op")
     context = f"request {request_id} ({op})"
@@ -321,6 +382,8 @@ def _decode_fields(msg: dict[str, Any], request_id: int, limits: Limits) -> Requ
         )
     if op in ("scan", "own", "drop", "transfer", "fault"):
         return _decode_admin(msg, op, request_id, context, limits)
+    if op in ("move", "move_read"):
+        return _decode_move(msg, op, request_id, context, limits)
     if op in ("put", "delete", "cas", "batch"):
         if op == "batch":
             raw_ops = _field(msg, "ops", context)

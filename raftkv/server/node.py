@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import cbor2
 import trio
 
 from raftkv import config as configmod
@@ -39,6 +40,7 @@ from raftkv.errors import (
     OutcomeUnknown,
     PreconditionFailed,
     RaftKVError,
+    ShardMoving,
     Unavailable,
     UnknownShard,
     WrongShard,
@@ -52,6 +54,8 @@ from raftkv.protocol.messages import (
     FaultRequest,
     GetRequest,
     Limits,
+    MoveReadRequest,
+    MoveRequest,
     OwnRequest,
     PingRequest,
     PutOp,
@@ -67,7 +71,7 @@ from raftkv.replication.replica import Replica
 from raftkv.server.proposer import OnDone, Proposer
 from raftkv.server.rpc import RpcServer
 from raftkv.sharding import logical_shard, shard_key
-from raftkv.statemachine import layout
+from raftkv.statemachine import layout, moves
 from raftkv.statemachine.commands import CAS, DELETE, PUT, DropKeyspace, Mutation, Own, Write
 from raftkv.storage.leveldb import write_file_durably
 
@@ -326,6 +330,13 @@ class NodeServer:
             _, proposer = self._leader_for(request.shard)
             proposer.propose(DropKeyspace(request.keyspace_id, request.keyspace,
                                           request.keys_max), _plain(reply))
+        elif isinstance(request, MoveRequest):
+            _, proposer = self._leader_for(request.shard)
+            proposer.propose(moves.MoveStep(request.step, request.keyspace_id,
+                                            request.logical_shard, request.move_id,
+                                            request.data), _plain(reply))
+        elif isinstance(request, MoveReadRequest):
+            self._move_read(request, reply)
         elif isinstance(request, TransferRequest):
             replica, _ = self._leader_for(request.shard)
             replica.transfer_leadership(request.to)
@@ -418,10 +429,8 @@ class NodeServer:
                     f"op {result['op']}: the key does not hold the expected value",
                     op=result["op"], current=result.get("cur"),
                     current_known="cur" in result, index=result.get("i")))
-            elif err == "WRONG_SHARD":
-                reply(None, WrongShard(
-                    f"shard {request.shard} does not own logical shard {result['ls']} of "
-                    f"keyspace {request.keyspace!r}", shard=request.shard, ls=result["ls"]))
+            elif err in ("WRONG_SHARD", "SHARD_MOVING"):
+                reply(None, refusal_error(result, request.shard, request.keyspace))
             elif err is not None:
                 reply(None, OutcomeUnknown(str(result.get("msg", err))))
             else:
@@ -429,10 +438,59 @@ class NodeServer:
 
         proposer.propose(command, done, size)
 
+    MOVE_READ_BYTES_MAX = 1 << 20
+
+    def _move_read(self, request: MoveReadRequest, reply: OnDone) -> None:
+        """A page for a move's worker, read on the leader behind a barrier (so it
+        holds every change committed before the request): the logical shard's
+        raw keys after ``after``, or changelog records from ``from_seq``."""
+        replica, proposer = self._leader_for(request.shard)
+
+        def done(_barrier: Any, error: RaftKVError | None) -> None:
+            if error is not None:
+                reply(None, error)
+                return
+            store, budget = replica.store, self.MOVE_READ_BYTES_MAX
+            if request.move_id is None:
+                items: list[list[bytes]] = []
+                for start, stop in layout.shard_ranges(request.keyspace_id,
+                                                       request.logical_shard):
+                    begin = max(start, request.after + b"\0") if request.after else start
+                    if begin >= stop or len(items) >= request.limit or budget <= 0:
+                        continue
+                    for key, value in store.scan(begin, stop, request.limit - len(items)):
+                        items.append([key, value])
+                        budget -= len(key) + len(value)
+                        if budget <= 0:
+                            break
+                more = len(items) >= request.limit or budget <= 0
+                # The logical shard's greatest key now: a copy that started after the
+                # capture can stop there (later writes are in the changelog), instead
+                # of chasing keys that writes keep adding at the end.
+                last = None
+                for start, stop in layout.shard_ranges(request.keyspace_id,
+                                                       request.logical_shard):
+                    last = store.last_key(start, stop) or last
+                reply({"items": items, "more": more, "end": last}, None)
+                return
+            records: list[Any] = []
+            seq = request.from_seq
+            while len(records) < request.limit and budget > 0:
+                raw = store.get(layout.changelog_key(request.move_id, seq))
+                if raw is None:
+                    break
+                records.append(cbor2.loads(raw))
+                budget -= len(raw)
+                seq += 1
+            reply({"records": records, "from": request.from_seq}, None)
+
+        proposer.barrier(done)
+
     def _check_owned(self, replica: Replica, shard_id: int, ks_id: int, ls: int) -> None:
-        if replica.store.get(layout.owner_key(ks_id, ls)) is None:
-            raise WrongShard(f"shard {shard_id} does not own logical shard {ls}",
-                             shard=shard_id, ls=ls)
+        owner = moves.decode_owner(replica.store.get(layout.owner_key(ks_id, ls)))
+        refusal = moves.client_refusal(owner, ks_id, ls)
+        if refusal is not None:
+            raise refusal_error(refusal, shard_id, None)
 
     def _read(self, shard_id: int, consistency: str, keyspace: str, *, ls_of: Any,
               read: Any, reply: OnDone) -> None:
@@ -537,6 +595,19 @@ class NodeServer:
             "raft_hub": self.hub.stats() if self.hub is not None else None,
             "shards": shards,
         }
+
+
+def refusal_error(refusal: dict[str, Any], shard_id: int, keyspace: str | None) -> RaftKVError:
+    """The client error for an apply-time refusal (``moves.client_refusal``)."""
+    what = f"logical shard {refusal['ls']}" + (
+        f" of keyspace {keyspace!r}" if keyspace is not None else "")
+    if refusal["err"] == "SHARD_MOVING":
+        return ShardMoving(f"{what} is moving (shard {shard_id}); retry shortly",
+                           shard=shard_id, ls=refusal["ls"])
+    details: dict[str, Any] = {"shard": shard_id, "ls": refusal["ls"]}
+    if refusal.get("dest") is not None:
+        details["moved_to"] = refusal["dest"]
+    return WrongShard(f"shard {shard_id} does not own {what}", **details)
 
 
 def _plain(reply: OnDone) -> OnDone:

@@ -15,10 +15,15 @@ Results are plain cbor-able values:
   the whole write changed nothing
 - retried write whose record was forgotten: ``{"err": "OUTCOME_UNKNOWN", "msg": ...}``
 - barrier: ``{"i": index}``
-- a write to a logical shard this group does not serve (no owner record):
+- a write to a logical shard this group does not serve (no owner record, or
+  one moved away: then ``dest`` names the group it went to):
   ``{"i": index, "err": "WRONG_SHARD", "ks": ks, "ls": ls}``; nothing changes
   and nothing is stored for the retry (it definitely did not happen)
+- a write to a logical shard in the middle of a move (incoming here, or
+  frozen for its cutover): ``{"i": index, "err": "SHARD_MOVING", ...}``, the
+  same way
 - own: ``{"i": index}``; drop: ``{"i": index, "deleted": n, "more": bool}``
+- a move step: see ``moves.py``
 
 Ownership is checked here, at apply time, on every replica (DESIGN section
 4): whatever map a client or node routed by, a write lands only in the group
@@ -28,11 +33,13 @@ A write's ops run in order (a cas sees the puts and deletes before it in the
 same write) into a scratch overlay; the overlay is kept only if every cas
 precondition held, so a write is all or nothing.
 
-Exactly-once: a write's result is stored under ``(client_id, seq)`` in the
-same batch as its effect; a retry returns the stored result without applying
-again (a failed cas's stored result omits ``cur``). Each client has a floor:
-results of seqs <= floor are forgotten. The floor rises to ``ack_seq`` (every
-seq <= it has been answered to the client) and to ``seq - DEDUP_RESULTS_MAX``,
+Exactly-once: a write's result is stored under ``(client_id, seq)``, in the
+write's logical shard, in the same batch as its effect; a retry returns the
+stored result without applying again (a failed cas's stored result omits
+``cur``), also from another group after the logical shard moved there. Each
+client has a floor per logical shard: results of seqs <= floor are forgotten.
+The floor rises to ``ack_seq`` (every seq <= it has been answered to the
+client) and to ``seq - DEDUP_RESULTS_MAX``,
 so every stored result lies in ``(floor, floor + DEDUP_RESULTS_MAX]``: at most
 that many per client, and a rise of the floor deletes at most that many keys
 (about one per write in steady state). A result is one key, so a write costs
@@ -59,6 +66,14 @@ from raftkv.statemachine.commands import (
     Own,
     Write,
     decode_commands,
+)
+from raftkv.statemachine.moves import (
+    MoveState,
+    MoveStep,
+    apply_move,
+    client_refusal,
+    decode_owner,
+    record_effects,
 )
 
 DEDUP_RESULTS_MAX = 1024
@@ -153,6 +168,11 @@ def _apply_command(state: _Overlay, view: StateView, index: int,
         return {"i": index}
     if isinstance(command, DropKeyspace):
         return _drop_keyspace(state, view, index, command)
+    if isinstance(command, MoveStep):
+        move_state = MoveState(state.get, view.scan, state.writes)
+        result = apply_move(move_state, index, command)
+        state.keys_added += move_state.keys_added
+        return result
     assert isinstance(command, Barrier)
     return {"i": index}
 
@@ -180,31 +200,44 @@ def _drop_keyspace(state: _Overlay, view: StateView, index: int,
 
 
 def _apply_write(state: _Overlay, index: int, write: Write) -> dict[str, Any]:
-    cid = write.client_id
-    floor_key = layout.dedup_key(cid)
+    cid, ks = write.client_id, write.keyspace_id
+    # A write stays within one logical shard (the node checks it); its dedup
+    # records live under that logical shard, so they move with it.
+    ls = write.mutations[0].logical_shard if write.mutations else 0
+    floor_key = layout.dedup_key(ks, ls, cid)
     floor = layout.decode_index(state.get(floor_key))
     if write.seq <= floor:
         return {"err": "OUTCOME_UNKNOWN",
                 "msg": f"seq {write.seq} is older than this client's dedup window"}
-    result_key = layout.dedup_result_key(cid, write.seq)
+    result_key = layout.dedup_result_key(ks, ls, cid, write.seq)
     stored = state.get(result_key)
     if stored is not None:
         previous: dict[str, Any] = cbor2.loads(stored)
         return previous
 
-    for m in write.mutations:
-        if state.get(layout.owner_key(write.keyspace_id, m.logical_shard)) is None:
-            return {"i": index, "err": "WRONG_SHARD", "ks": write.keyspace_id,
-                    "ls": m.logical_shard}
-    result = _apply_mutations(state, index, write)
-    state.writes[result_key] = cbor2.dumps({k: v for k, v in result.items() if k != "cur"})
+    for m in {m.logical_shard for m in write.mutations}:
+        refusal = client_refusal(decode_owner(state.get(layout.owner_key(ks, m))), ks, m)
+        if refusal is not None:
+            return {"i": index, **refusal}
+    effects: dict[bytes, bytes | None] = {}
+    write_state = _Overlay(state.get, effects)
+    result = _apply_mutations(write_state, index, write)
+    effects[result_key] = cbor2.dumps({k: v for k, v in result.items() if k != "cur"})
     new_floor = max(floor, min(write.ack_seq, write.seq - 1), write.seq - DEDUP_RESULTS_MAX)
     if new_floor > floor:
         # Stored results lie in (floor, floor + MAX]: this loop is bounded.
         for seq in range(floor + 1, min(new_floor, floor + DEDUP_RESULTS_MAX) + 1):
-            state.writes[layout.dedup_result_key(cid, seq)] = None
-        state.writes[floor_key] = layout.encode_index(new_floor)
+            effects[layout.dedup_result_key(ks, ls, cid, seq)] = None
+        effects[floor_key] = layout.encode_index(new_floor)
+    state.writes.update(effects)
+    state.keys_added += write_state.keys_added
+    # While a move copies this logical shard away, its changelog gets the effects.
+    record_effects(MoveState(state.get, _no_scan, state.writes), ks, ls, effects)
     return result
+
+
+def _no_scan(start: bytes, stop: bytes, limit: int) -> list[tuple[bytes, bytes]]:
+    raise AssertionError("recording a write's effects scans nothing")
 
 
 def _apply_mutations(state: _Overlay, index: int, write: Write) -> dict[str, Any]:

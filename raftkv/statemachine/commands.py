@@ -10,6 +10,9 @@ One log entry carries a batch of commands, encoded with cbor as a list:
   these logical shards of keyspace ``name`` (id ``ks``, ``L`` logical shards).
 - ``["drop", ks, name, n]``: keyspace ``ks`` was dropped: stop serving it and
   delete up to ``n`` of its keys (repeated until none is left).
+- ``["mv", step, ks, ls, move_id, data]``: a step of moving logical shard ``ls``
+  between groups (``raftkv/statemachine/moves.py``); ``data`` is a map whose
+  fields depend on the step.
 
 The wire schema is ours; pysyncobj only sees opaque bytes.
 """
@@ -19,6 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import cbor2
+
+from raftkv.statemachine.moves import DATA_CHECKS, MoveStep
 
 PUT, DELETE, CAS = 0, 1, 2
 U32_MAX = 2**32 - 1  # keyspace ids and logical shards are stored as 4-byte big-endian
@@ -68,7 +73,7 @@ class DropKeyspace:
     keys_max: int
 
 
-Command = Write | Barrier | Own | DropKeyspace
+Command = Write | Barrier | Own | DropKeyspace | MoveStep
 
 
 class MalformedEntry(Exception):
@@ -94,6 +99,8 @@ def encode_commands(commands: list[Command]) -> bytes:
                         list(c.logical_shards)])
         elif isinstance(c, DropKeyspace):
             out.append(["drop", c.keyspace_id, c.keyspace, c.keys_max])
+        elif isinstance(c, MoveStep):
+            out.append(["mv", c.step, c.keyspace_id, c.logical_shard, c.move_id, c.data])
         else:
             out.append(["b"])
     return cbor2.dumps(out)
@@ -131,6 +138,9 @@ def decode_commands(payload: bytes) -> list[Command]:
         if isinstance(item, list) and item and item[0] in ("own", "drop"):
             commands.append(_decode_admin(item))
             continue
+        if isinstance(item, list) and item and item[0] == "mv":
+            commands.append(_decode_move(item))
+            continue
         if not (isinstance(item, list) and len(item) == 6 and item[0] == "w"):
             raise MalformedEntry(f"unknown command {item!r}")
         _, ks, cid, seq, ack, muts = item
@@ -159,3 +169,14 @@ def _decode_admin(item: list[object]) -> Own | DropKeyspace:
             assert isinstance(ks, int) and isinstance(keys_max, int)
             return DropKeyspace(ks, name, keys_max)
     raise MalformedEntry(f"bad admin command {item!r}")
+
+
+def _decode_move(item: list[object]) -> MoveStep:
+    if len(item) == 6:
+        _, step, ks, ls, move_id, data = item
+        if (isinstance(step, str) and step in DATA_CHECKS and _u32(ks) and _u32(ls)
+                and isinstance(move_id, int) and 0 < move_id < 2**63
+                and isinstance(data, dict) and DATA_CHECKS[step](data)):
+            assert isinstance(ks, int) and isinstance(ls, int)
+            return MoveStep(step, ks, ls, move_id, data)
+    raise MalformedEntry(f"bad move step {item!r}")

@@ -1,12 +1,18 @@
 """Byte layout of one replica's LevelDB (DESIGN section 4).
 
-- ``d`` ks(4) ls(4) key       -> value                 user data, one range per logical shard
-- ``r`` client_id(16)         -> floor(8)              every seq <= floor is forgotten
-- ``r`` client_id(16) seq(8)  -> cbor result           the result of write (client_id, seq)
-- ``o`` ks(4) ls(4)            -> owner record          present: this group owns logical shard ls
-- ``k`` keyspace name (utf-8) -> cbor [ks id, L]       the keyspaces this group serves
-- ``!applied``                -> index(8)              last applied Raft log index
-- ``!keys``                   -> count(8)              user keys stored (all keyspaces)
+- ``d`` ks(4) ls(4) key                 -> value        user data, one range per logical shard
+- ``r`` ks(4) ls(4) client_id(16)       -> floor(8)     every seq <= floor is forgotten (in ls)
+- ``r`` ks(4) ls(4) client_id(16) seq(8) -> cbor result the result of write (client_id, seq)
+- ``o`` ks(4) ls(4)                      -> owner record the group's part in logical shard ls
+- ``c`` move(8) seq(8)                   -> cbor effects the changelog of a logical shard moving out
+- ``k`` keyspace name (utf-8)            -> cbor [ks id, L] the keyspaces this group serves
+- ``!applied``                           -> index(8)     last applied Raft log index
+- ``!keys``                              -> count(8)     user keys stored (all keyspaces)
+
+Dedup records live under their logical shard, so they move with it (a write
+retried after its logical shard moved is answered by the new group). A
+logical shard's keys are two ranges, its data and its dedup records
+(``shard_ranges``), in that key order.
 
 Data, dedup records and ``!applied`` are written in one WriteBatch, so a
 replay of the journal after a restart skips every index <= ``!applied``.
@@ -24,8 +30,9 @@ DATA_PREFIX = b"d"
 DEDUP_PREFIX = b"r"
 OWNER_PREFIX = b"o"
 KEYSPACE_PREFIX = b"k"
-# The owner record of a logical shard this group serves. Issue 5 (moves) adds
-# the other states (incoming, frozen, moved) as other values.
+CHANGELOG_PREFIX = b"c"
+# The owner record of a logical shard this group serves; moves add the other
+# states (see raftkv/statemachine/moves.py).
 OWNER_ACTIVE = cbor2.dumps({"state": "ACTIVE"})
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
@@ -74,13 +81,34 @@ def prefix_end(prefix: bytes) -> bytes:
     return stripped[:-1] + bytes([stripped[-1] + 1])
 
 
-def dedup_key(client_id: bytes) -> bytes:
-    """The client's dedup floor."""
-    return DEDUP_PREFIX + client_id
+def dedup_key(keyspace_id: int, logical_shard: int, client_id: bytes) -> bytes:
+    """The client's dedup floor in one logical shard."""
+    return DEDUP_PREFIX + _U32.pack(keyspace_id) + _U32.pack(logical_shard) + client_id
 
 
-def dedup_result_key(client_id: bytes, seq: int) -> bytes:
-    return DEDUP_PREFIX + client_id + _U64.pack(seq)
+def dedup_result_key(keyspace_id: int, logical_shard: int, client_id: bytes,
+                     seq: int) -> bytes:
+    return dedup_key(keyspace_id, logical_shard, client_id) + _U64.pack(seq)
+
+
+def shard_ranges(keyspace_id: int, logical_shard: int) -> list[tuple[bytes, bytes]]:
+    """The key ranges ``[start, stop)`` holding a logical shard's data and dedup
+    records, in key order: what moves with it."""
+    shard = _U32.pack(keyspace_id) + _U32.pack(logical_shard)
+    return [(prefix + shard, prefix_end(prefix + shard)) for prefix in (DATA_PREFIX,
+                                                                       DEDUP_PREFIX)]
+
+
+def in_shard(key: bytes, keyspace_id: int, logical_shard: int) -> bool:
+    return any(start <= key < stop for start, stop in shard_ranges(keyspace_id, logical_shard))
+
+
+def changelog_key(move_id: int, seq: int) -> bytes:
+    return CHANGELOG_PREFIX + _U64.pack(move_id) + _U64.pack(seq)
+
+
+def changelog_prefix(move_id: int) -> bytes:
+    return CHANGELOG_PREFIX + _U64.pack(move_id)
 
 
 def encode_index(index: int) -> bytes:

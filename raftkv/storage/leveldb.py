@@ -112,6 +112,14 @@ class Store:
                     break
             return out
 
+    def last_key(self, start: bytes, stop: bytes) -> bytes | None:
+        """The greatest key with ``start <= key < stop``, or None."""
+        with self._lock:
+            for key in self._db.iterator(start=start, stop=stop, reverse=True,
+                                         include_value=False):
+                return bytes(key)
+            return None
+
     def write(self, writes: dict[bytes, bytes | None]) -> None:
         """Write one atomic batch (value None deletes); it must carry ``!applied``."""
         with self._lock:

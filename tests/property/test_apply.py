@@ -89,13 +89,15 @@ def user_data(store: dict[bytes, bytes]) -> dict[tuple[int, bytes], bytes]:
     return data
 
 
-def dedup_state(store: dict[bytes, bytes], cid: bytes) -> tuple[int, set[int]] | None:
-    """(floor, seqs with a stored result) of a client, or None if nothing is stored.
+def dedup_state(store: dict[bytes, bytes], cid: bytes, ks: int,
+                ls: int) -> tuple[int, set[int]] | None:
+    """(floor, seqs with a stored result) of a client in one logical shard, or
+    None if nothing is stored.
 
     Reads either layout: one cbor record ``{"f": floor, "d": {seq: result}}``
     under ``dedup_key``, or a u64 floor under ``dedup_key`` plus one key per
     stored result (``dedup_key`` + u64 seq)."""
-    prefix = layout.dedup_key(cid)
+    prefix = layout.dedup_key(ks, ls, cid)
     keys = [k for k in store if k.startswith(prefix)]
     if not keys:
         return None
@@ -133,8 +135,17 @@ class Client:
     cid: bytes
     next_seq: int = 1
     last_ack: int = 0
-    floor: int = 0  # highest ack the node has seen from this client
+    # The dedup floor per (keyspace, logical shard): results live, and are
+    # forgotten, under the logical shard of the write's first op.
+    floors: dict[tuple[int, int], int] = field(default_factory=dict)
     history: dict[int, tuple[Write, dict[str, Any]]] = field(default_factory=dict)
+
+    def floor_of(self, write: Write) -> int:
+        return self.floors.get(home(write), 0)
+
+
+def home(write: Write) -> tuple[int, int]:
+    return write.keyspace_id, write.mutations[0].logical_shard
 
 
 OUTCOME_UNKNOWN = "OUTCOME_UNKNOWN"  # sentinel in expected results
@@ -179,7 +190,7 @@ class ApplyMachine(RuleBasedStateMachine):
 
     def _expected_retry(self, cid: bytes, seq: int) -> Any:
         client = self.clients[cid]
-        if seq <= client.floor:
+        if seq <= client.floor_of(client.history[seq][0]):
             return OUTCOME_UNKNOWN
         return without_cur(client.history[seq][1])
 
@@ -217,8 +228,8 @@ class ApplyMachine(RuleBasedStateMachine):
         candidates = [
             (cid, seq)
             for cid, client in self.clients.items()
-            for seq in client.history
-            if not above_floor_only or seq > client.floor
+            for seq, (write, _) in client.history.items()
+            if not above_floor_only or seq > client.floor_of(write)
         ]
         if not candidates:
             return None
@@ -250,7 +261,7 @@ class ApplyMachine(RuleBasedStateMachine):
         assert written_data == data_keys, "a write changed keys it should not have"
         written_dedup = {k for k in out.writes if k.startswith(layout.DEDUP_PREFIX)}
         # only clients with a fresh write in this entry get their dedup state written
-        assert {k[1:17] for k in written_dedup} == dedup_clients
+        assert {k[9:25] for k in written_dedup} == dedup_clients
         assert set(out.writes) - {layout.KEY_COUNT_KEY} == (
             {layout.APPLIED_KEY} | written_data | written_dedup)
         commit(self.store, out)
@@ -281,7 +292,9 @@ class ApplyMachine(RuleBasedStateMachine):
             result = self._model_write(write, index)
             client = self.clients[write.client_id]
             client.history[write.seq] = (write, result)
-            client.floor = max(client.floor, write.ack_seq)
+            client.floors[home(write)] = max(client.floor_of(write),
+                                             min(write.ack_seq, write.seq - 1),
+                                             write.seq - DEDUP_RESULTS_MAX)
             commands.append(write)
             expected.append(result)
             dedup_clients.add(write.client_id)
@@ -290,7 +303,7 @@ class ApplyMachine(RuleBasedStateMachine):
         self._apply_and_check(index, commands, expected, data_keys, dedup_clients)
 
     @precondition(lambda self: any(
-        seq > c.floor for c in self.clients.values() for seq in c.history))
+        seq > c.floor_of(w) for c in self.clients.values() for seq, (w, _) in c.history.items()))
     @rule(data=st.data())
     def retry_in_a_later_entry(self, data: st.DataObject) -> None:
         """Re-send writes whose results are still remembered: same results as
@@ -366,14 +379,17 @@ class ApplyMachine(RuleBasedStateMachine):
     @invariant()
     def dedup_records(self) -> None:
         for client in self.clients.values():
-            state = dedup_state(self.store, client.cid)
-            if not client.history:
-                assert state is None
-                continue
-            assert state is not None
-            floor, seqs = state
-            assert floor == client.floor
-            assert seqs == {s for s in client.history if s > client.floor}
+            for ks in KEYSPACE_IDS:
+                for ls in {ls_of(k) for k in USER_KEYS}:
+                    state = dedup_state(self.store, client.cid, ks, ls)
+                    mine = {s for s, (w, _) in client.history.items() if home(w) == (ks, ls)}
+                    if not mine:
+                        assert state is None
+                        continue
+                    assert state is not None
+                    floor, seqs = state
+                    assert floor == client.floors.get((ks, ls), 0)
+                    assert seqs == {s for s in mine if s > floor}
 
 
 def _malformed(bad: int, good: list[Any]) -> bytes:
@@ -517,13 +533,13 @@ def test_ack_forgets_results() -> None:
     writes = [Write(0, CID, seq, 0, (_put(b"a", str(seq).encode()),)) for seq in (1, 2, 3)]
     for index, write in enumerate(writes, start=1):
         _run(store, index, write)
-    _run(store, 4, Write(0, CID, 4, 2, (_put(b"b", b"4"),)))
-    assert dedup_state(store, CID) == (2, {3, 4})
+    _run(store, 4, Write(0, CID, 4, 2, (_put(b"a", b"4"),)))  # the same logical shard
+    assert dedup_state(store, CID, 0, ls_of(b"a")) == (2, {3, 4})
     out = _run(store, 5, writes[1], writes[2])
     assert out.results is not None
     assert is_outcome_unknown(out.results[0])
     assert out.results[1] == {"i": 3, "r": [None]}
-    assert user_data(store) == {(0, b"a"): b"3", (0, b"b"): b"4"}
+    assert user_data(store) == {(0, b"a"): b"4"}
 
 
 def test_same_write_twice_in_one_entry_applies_once() -> None:
@@ -559,7 +575,7 @@ def test_dedup_window_is_bounded() -> None:
     oldest are forgotten and a retry of one gets OUTCOME_UNKNOWN."""
     store = owning_every_logical_shard()
     total = DEDUP_RESULTS_MAX + 10
-    writes = [Write(0, CID, seq, 0, (_put(b"k%d" % (seq % 7), b"%d" % seq),))
+    writes = [Write(0, CID, seq, 0, (_put(b"{w}k%d" % (seq % 7), b"%d" % seq),))
               for seq in range(1, total + 1)]
     firsts: dict[int, Any] = {}
     index = 0
@@ -574,10 +590,10 @@ def test_dedup_window_is_bounded() -> None:
         for write, result in zip(chunk, out.results, strict=True):
             assert result == {"i": index, "r": [None]}
             firsts[write.seq] = result
-        state = dedup_state(store, CID)
+        state = dedup_state(store, CID, 0, ls_of(b"{w}k"))
         assert state is not None
         assert len(state[1]) <= DEDUP_RESULTS_MAX
-    state = dedup_state(store, CID)
+    state = dedup_state(store, CID, 0, ls_of(b"{w}k"))
     assert state is not None
     floor, seqs = state
     assert len(seqs) == DEDUP_RESULTS_MAX

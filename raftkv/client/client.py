@@ -14,6 +14,7 @@ out, the error raised is indefinite if any attempt's outcome was unknown.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 from collections.abc import AsyncIterator
@@ -40,7 +41,7 @@ from raftkv.errors import (
     WrongShard,
     error_from_wire,
 )
-from raftkv.protocol.framing import FrameDecoder, encode_frame
+from raftkv.protocol.framing import FrameDecoder, FrameTooLarge, encode_frame
 from raftkv.protocol.messages import (
     CLIENT_ID_BYTES,
     DEFAULT_KEYSPACE,
@@ -59,6 +60,8 @@ def _b(value: Bytesish) -> bytes:
     return value.encode() if isinstance(value, str) else value
 
 
+log = logging.getLogger(__name__)
+
 _RETRY_DEFINITE = (NotLeader, Unavailable, Overloaded, ShardMoving)
 WATCH_WAIT_S = 20.0
 MAP_REFRESH_ON_NO_LEADER_S = 1.0
@@ -71,6 +74,14 @@ class WriteResult:
 
     index: int
     results: list[Any]
+
+
+def _reply(body: bytes) -> dict[str, Any]:
+    """A reply frame's map; ValueError if it is not one (not a raftkv server)."""
+    msg = cbor2.loads(body)
+    if not isinstance(msg, dict):
+        raise ValueError(f"a reply that is not a map: {type(msg).__name__}")  # noqa: TRY004
+    return msg
 
 
 class _Connection:
@@ -93,13 +104,18 @@ class _Connection:
                     break
                 decoder.feed(data)
                 for body in decoder.frames():
-                    msg = cbor2.loads(body)
-                    waiter = self._waiters.pop(msg.get("id"), None)
+                    msg = _reply(body)
+                    waiter = self._waiters.pop(msg.get("id"), None)  # type: ignore[arg-type]
                     if waiter is not None:
                         waiter[1].append(msg)
                         waiter[0].set()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ValueError):
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
+        except (FrameTooLarge, ValueError) as exc:
+            # Not a raftkv server (or a broken one): this connection's requests
+            # fail with CONNECTION_LOST; the client and its other connections go on.
+            log.warning("closing the connection to %s: %s", self.address, exc)
+            await self._stream.aclose()
         finally:
             self._fail_all()
 

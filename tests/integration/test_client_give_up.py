@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from raftkv.client import open_client
-from raftkv.errors import ClusterUnavailable, Timeout
+from raftkv.errors import ClusterUnavailable, ConnectionLost, Timeout
 from raftkv.localcluster import free_port
 from raftkv.protocol.framing import FrameDecoder, encode_frame
 
@@ -78,3 +78,24 @@ async def test_no_shard_manager_gives_a_definite_cluster_unavailable() -> None:
         with pytest.raises(ClusterUnavailable) as raised:
             await kv.put("k", "v")
     assert raised.value.definite is True
+
+
+async def answer_garbage(stream: trio.SocketStream) -> None:
+    await stream.receive_some(65536)
+    await stream.send_all(b"RKR1" + bytes(16))  # a Raft hub's hello, say: not a reply
+    await stream.receive_some(65536)
+
+
+async def test_a_server_that_is_not_raftkv_fails_its_requests_not_the_client() -> None:
+    """A node address that reaches something else (a port taken by another
+    program): that connection's requests fail, the client goes on."""
+    async with trio.open_nursery() as nursery:
+        node = await serve(nursery, answer_garbage)
+        manager = await serve(nursery, functools.partial(serve_map, one_shard_map(node)))
+        async with open_client([manager], request_timeout_s=0.5, retry_budget_s=1.0,
+                               watch_map=False) as kv:
+            with pytest.raises(ConnectionLost) as raised:  # sent, then the stream broke
+                await kv.put("k", "v")
+            assert raised.value.definite is False
+            assert (await kv.shard_map()).version == 1  # the client still works
+        nursery.cancel_scope.cancel()

@@ -230,6 +230,9 @@ class AsyncClient:
         self._manager_leader: str | None = None
         self._manager_rotation = random.randrange(len(self.managers))
         self._leaders: dict[int, str] = {}
+        # Logical shards a group told us have moved (WRONG_SHARD with moved_to),
+        # used until the map says so too: the map is published after the move.
+        self._moved: dict[int, int] = {}
         self._rotation = random.randrange(1 << 16)
         self._seq = 0
         self._outstanding: set[int] = set()
@@ -427,6 +430,31 @@ class AsyncClient:
     def _ack(self) -> int:
         return min(self._outstanding) - 1 if self._outstanding else self._seq
 
+    async def _rerouted(self, exc: RaftKVError, route: Route, ls: int) -> bool:
+        """After WRONG_SHARD or UNKNOWN_SHARD: True to retry at once, at the group
+        the logical shard moved to (a hint not followed before); else the map is
+        refreshed and the caller backs off."""
+        moved_to = exc.details.get("moved_to")
+        if isinstance(moved_to, int) and moved_to != route.shard \
+                and self._moved.get(ls) != moved_to:
+            self._moved[ls] = moved_to
+            return True
+        # Routed by a stale map, or the node has not opened the replica yet.
+        self._moved.pop(ls, None)
+        self._rotate(route.shard)
+        await self.shard_map(refresh=True)
+        return False
+
+    def _route(self, smap: ShardMap, ls: int) -> Route:
+        """The map's route for logical shard ``ls``, unless a group said it moved
+        to a shard the map does not show yet."""
+        route = smap.route_logical(self.keyspace, ls)
+        moved_to = self._moved.get(ls)
+        if moved_to is None or moved_to == route.shard:
+            self._moved.pop(ls, None)
+            return route
+        return Route(self.keyspace, ls, moved_to, smap.replicas(moved_to))
+
     def _pick(self, route: Route, leader_only: bool) -> str:
         if not leader_only and route.replicas:
             # Eventual reads spread over every replica: that is what they are for
@@ -452,7 +480,7 @@ class AsyncClient:
         last: RaftKVError | None = None
         backoff_s = 0.01
         while True:
-            route = (await self.shard_map()).route_logical(self.keyspace, ls)
+            route = self._route(await self.shard_map(), ls)
             msg["shard"] = route.shard
             address = self._pick(route, leader_only)
             try:
@@ -477,12 +505,9 @@ class AsyncClient:
                 # group answered, so it stays the one to ask) and try again.
                 last = exc
             except (WrongShard, UnknownShard) as exc:
-                # Routed by a stale map (or the node has not opened the replica yet;
-                # or the logical shard moved, and the new map may not be out yet).
                 last = exc
-                self._rotate(route.shard)
-                await self.shard_map(refresh=True, fresh=isinstance(exc, WrongShard)
-                                     and "moved_to" in exc.details)
+                if await self._rerouted(exc, route, ls):
+                    continue
             except _RETRY_DEFINITE as exc:
                 last = exc
                 self._rotate(route.shard)

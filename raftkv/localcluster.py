@@ -171,17 +171,20 @@ def make_config(*, dcs: int = 3, nodes_per_dc: int = 1, hosts: list[str] | None 
     hosts = hosts or ["127.0.0.1"]
     taken: dict[str, set[int]] = {h: set() for h in hosts}
     manager_configs = []
+    # Every port the processes listen on lies below the kernel's ephemeral range,
+    # so a process restarted after a crash does not find its port taken as the
+    # source port of some outgoing connection.
     for i in range(managers):
         host = hosts[i % len(hosts)]
         manager_configs.append(ManagerConfig(
-            f"m{i + 1}", f"dc{i % dcs + 1}", host, free_port(host, taken[host]),
-            free_port(host, taken[host])))
+            f"m{i + 1}", f"dc{i % dcs + 1}", host, free_port_range(host, 1, taken[host]),
+            free_port_range(host, 1, taken[host])))
     node_configs = []
     for i in range(dcs * nodes_per_dc):
         host = hosts[i % len(hosts)]
         base = free_port_range(host, RAFT_PORTS_PER_NODE, taken[host])
         node_configs.append(NodeConfig(
-            f"n{i + 1}", f"dc{i % dcs + 1}", host, free_port(host, taken[host]),
+            f"n{i + 1}", f"dc{i % dcs + 1}", host, free_port_range(host, 1, taken[host]),
             base, base + RAFT_PORTS_PER_NODE - 1))
     return ClusterConfig(
         tuple(manager_configs), tuple(node_configs), raft or RaftSettings(),

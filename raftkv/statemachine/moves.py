@@ -87,9 +87,14 @@ class Owner:
         return cbor2.dumps(out)
 
 
+_ACTIVE = Owner(ACTIVE)
+
+
 def decode_owner(raw: bytes | None) -> Owner | None:
     if raw is None:
         return None
+    if raw == layout.OWNER_ACTIVE:
+        return _ACTIVE  # the common case, read on every write: no decoding
     data = cbor2.loads(raw)
     return Owner(data["state"], data.get("move"), data.get("seq", 0), data.get("cursor", b""),
                  data.get("dest"), data.get("capturing", False), data.get("via"))
@@ -147,7 +152,10 @@ def record_effects(state: MoveState, ks: int, ls: int,
     """After a write of ``ls`` was applied: if a move captures ``ls``, append
     the write's effects on the logical shard's keys to the changelog."""
     key = layout.owner_key(ks, ls)
-    owner = decode_owner(state.get(key))
+    raw = state.get(key)
+    if raw == layout.OWNER_ACTIVE:
+        return  # no move captures this logical shard
+    owner = decode_owner(raw)
     if owner is None or not owner.capturing or owner.move is None:
         return
     moved = [[k, v] for k, v in effects.items() if layout.in_shard(k, ks, ls)]

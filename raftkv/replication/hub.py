@@ -104,8 +104,10 @@ class RaftHub:
 
     def __init__(self, address: str, secret: str, *, route: Route | None = None,
                  tick_period_s: float = 0.05, connection_retry_s: float = 0.5,
-                 connection_timeout_s: float = 2.0, name: str = "raft-hub") -> None:
+                 connection_timeout_s: float = 2.0, name: str = "raft-hub",
+                 on_crash: Callable[[], None] | None = None) -> None:
         self.address = address
+        self.on_crash = on_crash
         self._route = route or (lambda a: a)
         self._master = wire.master_key(secret)
         self.tick_period_s = tick_period_s
@@ -292,6 +294,19 @@ class RaftHub:
 
     def _run(self) -> None:
         self._ident = threading.get_ident()
+        try:
+            self._loop()
+        except BaseException:
+            if self._stopping:
+                return
+            # Without its hub a process runs no Raft at all: say so, and let the
+            # owner decide (a node exits, so it is restarted and replays its journal).
+            log.critical("Raft hub %s: the loop failed; no Raft group of this process "
+                         "runs any more", self.address, exc_info=True)
+            if self.on_crash is not None:
+                self.on_crash()
+
+    def _loop(self) -> None:
         next_all = 0.0
         next_connect = 0.0
         while not self._stopping:

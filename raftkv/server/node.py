@@ -84,6 +84,7 @@ DESCRIPTOR_NAME = "replica.json"
 # default 5 ms switch interval a busy trio loop delays every Raft step by up
 # to 5 ms. Measured: 64-client strong reads went from ~3,900/s to ~4,400/s.
 GIL_SWITCH_INTERVAL_S = 0.0005
+EXIT_HUB_FAILED = 74  # the Raft hub's thread died: exit, to be restarted
 
 
 def load_faults(cluster_dir: Path, cluster: configmod.ClusterConfig) -> FaultSpec:
@@ -183,7 +184,8 @@ class NodeServer:
                                    tick_period_s=raft.tick_period_s,
                                    connection_retry_s=raft.connection_retry_s,
                                    connection_timeout_s=raft.connection_timeout_s,
-                                   name=f"raft-hub-{self.node.id}")
+                                   name=f"raft-hub-{self.node.id}",
+                                   on_crash=lambda: os._exit(EXIT_HUB_FAILED))
             return self.hub
 
     async def open_replica(self, descriptor: dict[str, Any]) -> None:

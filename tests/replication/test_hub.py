@@ -184,3 +184,21 @@ def test_replicas_opened_and_closed_on_one_hub_leak_no_file_descriptors(
     time.sleep(0.2)
     assert _open_fds() <= before + 2
     assert hub.stats()["groups"] == 0
+
+
+def test_a_failed_loop_is_reported_to_the_owner(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node passes os._exit: a process whose hub died runs no Raft and must
+    restart (it replays its journal)."""
+    crashed: list[bool] = []
+
+    def broken(self: RaftHub, queues: Any) -> None:
+        raise RuntimeError("a bug in the loop")
+
+    monkeypatch.setattr(RaftHub, "_flush", broken)
+    hub = RaftHub(f"127.0.0.1:{free_port()}", "s3cret", on_crash=lambda: crashed.append(True))
+    try:
+        wait_for(lambda: crashed == [True])
+        with pytest.raises(RuntimeError, match="stopped"):
+            hub.call(lambda: None)
+    finally:
+        hub.close()

@@ -129,6 +129,8 @@ class _Overlay:
     def __init__(self, read: ReadFn, writes: dict[bytes, bytes | None]) -> None:
         self._read = read
         self.writes = writes
+        # (ks, ls, client) -> seqs whose results this entry stored
+        self.fresh_results: dict[tuple[int, int, bytes], list[int]] = {}
         self.keys_added = 0
         """Change of the user key count, written once per entry."""
 
@@ -157,7 +159,7 @@ def apply_entry(view: StateView, index: int, payload: bytes) -> ApplyOutput:
 def _apply_command(state: _Overlay, view: StateView, index: int,
                    command: Command) -> dict[str, Any]:
     if isinstance(command, Write):
-        return _apply_write(state, index, command)
+        return _apply_write(state, view, index, command)
     if isinstance(command, Own):
         state.writes[layout.keyspace_key(command.keyspace)] = layout.encode_keyspace(
             command.keyspace_id, command.logical_shards_total)
@@ -199,7 +201,7 @@ def _drop_keyspace(state: _Overlay, view: StateView, index: int,
     return {"i": index, "deleted": len(doomed), "more": len(chunk) > drop.keys_max}
 
 
-def _apply_write(state: _Overlay, index: int, write: Write) -> dict[str, Any]:
+def _apply_write(state: _Overlay, view: StateView, index: int, write: Write) -> dict[str, Any]:
     cid, ks = write.client_id, write.keyspace_id
     # A write stays within one logical shard (the node checks it); its dedup
     # records live under that logical shard, so they move with it.
@@ -225,10 +227,19 @@ def _apply_write(state: _Overlay, index: int, write: Write) -> dict[str, Any]:
     effects[result_key] = cbor2.dumps({k: v for k, v in result.items() if k != "cur"})
     new_floor = max(floor, min(write.ack_seq, write.seq - 1), write.seq - DEDUP_RESULTS_MAX)
     if new_floor > floor:
-        # Stored results lie in (floor, floor + MAX]: this loop is bounded.
-        for seq in range(floor + 1, min(new_floor, floor + DEDUP_RESULTS_MAX) + 1):
+        # Forget the stored results in (floor, new_floor]. The client's seqs are
+        # spread over every logical shard it writes, so the floor of one logical
+        # shard jumps: the stored ones are found by a scan (at most MAX of them),
+        # plus those written earlier in this entry (not in the view yet).
+        start = layout.dedup_result_key(ks, ls, cid, floor + 1)
+        stop = layout.dedup_result_key(ks, ls, cid, new_floor + 1)
+        for key, _ in view.scan(start, stop, DEDUP_RESULTS_MAX):
+            effects[key] = None
+        fresh = state.fresh_results.get((ks, ls, cid), [])
+        for seq in [s for s in fresh if s <= new_floor]:
             effects[layout.dedup_result_key(ks, ls, cid, seq)] = None
         effects[floor_key] = layout.encode_index(new_floor)
+    state.fresh_results.setdefault((ks, ls, cid), []).append(write.seq)
     state.writes.update(effects)
     state.keys_added += write_state.keys_added
     # While a move copies this logical shard away, its changelog gets the effects.

@@ -691,3 +691,18 @@ def test_admin_commands_round_trip_and_reject_garbage() -> None:
                 ["drop", 1, "a", "x"], ["own", 1, "a", 64, ["x"]]):
         with pytest.raises(MalformedEntry):
             decode_commands(cbor2.dumps([bad]))
+
+
+def test_a_floor_that_jumps_deletes_only_the_results_that_exist() -> None:
+    """A client's seqs are spread over every logical shard it writes, so the
+    floor of one logical shard jumps by hundreds at a time. The write must
+    delete the few results stored there, not touch every seq in between: the
+    benchmark found puts 4x slower when it did."""
+    store = owning_every_logical_shard()
+    _run(store, 1, Write(0, CID, 1, 0, (_put(b"a", b"1"),)))
+    out = _run(store, 2, Write(0, CID, 900, 899, (_put(b"a", b"2"),)))
+    ls = ls_of(b"a")
+    deleted = [k for k, v in out.writes.items() if v is None]
+    assert deleted == [layout.dedup_result_key(0, ls, CID, 1)]
+    assert len(out.writes) <= 6
+    assert dedup_state(store, CID, 0, ls) == (899, {900})

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
-from typing import Any
 
 from jepsen_lite.target import Completion, FaultError, Op
 from raftkv.client import open_client
@@ -167,8 +166,3 @@ class RaftkvTarget:
             if members:
                 return members
         raise ValueError(f"unknown partition target {target!r}")
-
-
-def describe(cluster: LocalCluster) -> dict[str, Any]:
-    return {"directory": str(cluster.directory), "nodes": cluster.node_ids,
-            "managers": cluster.manager_ids}

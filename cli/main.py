@@ -26,6 +26,7 @@ from raftkv_cli.common import (
     value_options,
     with_client,
 )
+from raftkv_cli.reshard import register as register_reshard
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -257,6 +258,7 @@ def _int_list(text: str, option: str) -> list[int]:
 
 
 register_admin(cli)
+register_reshard(cli)
 
 
 def main() -> None:

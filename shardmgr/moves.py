@@ -54,6 +54,21 @@ class Move:
     final_seq: int | None = None
     copied_keys: int = 0
     error: str | None = None
+    reshard: int = 0
+    """The reshard this move belongs to."""
+    worker: str | None = None
+    lease_until: float = 0.0
+    """Wall-clock time (the manager leader's) until which ``worker`` holds the move."""
+    started: bool = False
+    """A worker has claimed it: its steps may have reached the groups."""
+    copied_bytes: int = 0
+    shipped: int = 0
+    """Changelog records shipped."""
+    unavailable_ms: float | None = None
+    """Freeze to moved, as the worker measured it: the logical shard's cutover."""
+    stuck: str | None = None
+    """A result that fits no phase (``MoveError``): no worker gets the move
+    until an operator aborts the reshard."""
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in vars(self).items()}
@@ -180,3 +195,41 @@ def plan(assignment: list[int], targets: list[int]) -> list[tuple[int, int, int]
         kept[dest] += 1
         moves.append((ls, assignment[ls], dest))
     return moves
+
+
+RESHARD_RUNNING, RESHARD_ABORTING, RESHARD_ROLLING_BACK = "running", "aborting", "rolling_back"
+RESHARD_DONE, RESHARD_ABORTED = "done", "aborted"
+RESHARD_LIVE = (RESHARD_RUNNING, RESHARD_ABORTING, RESHARD_ROLLING_BACK)
+
+
+@dataclass(frozen=True)
+class Reshard:
+    """One resharding of a keyspace to ``target`` physical shards.
+
+    ``state``: ``running`` (its moves go forward), ``aborting`` (moves not yet
+    activated turn back; the others finish), ``rolling_back`` (moves that had
+    finished are moved back, so the old layout serves again), then ``done`` or
+    ``aborted``. ``before`` are the physical shards it started from, ``targets``
+    those the logical shards spread over. Finished moves leave their figures
+    in ``summary``."""
+
+    id: int
+    keyspace: str
+    target: int
+    before: tuple[int, ...]
+    targets: tuple[int, ...]
+    state: str
+    started_at: float
+    finished_at: float | None = None
+    moves_total: int = 0
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        out = dict(vars(self))
+        out["before"], out["targets"] = list(self.before), list(self.targets)
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Reshard:
+        return cls(**{**data, "before": tuple(data["before"]),
+                      "targets": tuple(data["targets"])})

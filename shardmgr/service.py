@@ -18,13 +18,20 @@ ks_list     -> keyspaces with their state
 cluster     -> the whole state plus the leader's view of liveness and leaders
 status      -> this replica's Raft status
 fault       spec -> sets this process's fault spec (links to other processes)
+reshard     ks, physical_shards, [plan] -> starts resharding (or, with ``plan``,
+            only says what it would do); reshard_status ks; reshard_abort ks
+move_claim  worker, [per_node_max] -> {move, lease_s, shards} or null: a move for
+            a resharding worker, with a lease (``shardmgr.reshard``)
+move_update worker, move, steps [[phase, result], ...], stats -> the move after
+            them: compare-and-set on its phase by the lease holder
 ping
 =========== ==================================================================
 
 The controller (leader only, every ``CONTROL_PERIOD_S``): tells new groups
 which logical shards they own (``own``), has dropped keyspaces' groups delete
-their data (``drop``) and then forgets them, and moves leadership towards the
-placement's preferred leaders with Raft leadership transfer. Every change of
+their data (``drop``) and then forgets them, finishes reshards whose moves are
+over (``reshard.tick``), and moves leadership towards the placement's
+preferred leaders with Raft leadership transfer. Every change of
 state is computed from the committed state read behind a barrier and
 proposed as compare-and-set on its version (``shardmgr.machine``).
 """
@@ -43,7 +50,7 @@ from typing import Any
 import trio
 
 from raftkv import config as configmod
-from raftkv.client.client import ConnectionPool
+from raftkv.client.client import ConnectionPool, request_leader
 from raftkv.errors import (
     BadRequest,
     NotLeader,
@@ -57,6 +64,7 @@ from raftkv.server.node import FaultLinks, load_faults, run_until_signalled
 from raftkv.server.proposer import OnDone, Proposer
 from raftkv.server.rpc import RpcServer
 from raftkv.statemachine.apply import ApplyOutput, StateView
+from shardmgr import reshard as rs
 from shardmgr import state as st
 from shardmgr.machine import STATE_KEY, SetState, encode_manager_commands, load_state, manager_apply
 from shardmgr.placement import (
@@ -123,6 +131,10 @@ class ManagerServer:
         self.state = st.ClusterState()
         self._state_raw: bytes | None = None
         self._state_changed = trio.Event()
+        self._change_lock = trio.Lock()
+        # The client map and the state version at which it last changed: moves
+        # change the state often, the map seldom, and watchers wake only for it.
+        self._client_map: dict[str, Any] = self.state.client_map()
         self._client_of_raft = {m.raft_address: m.client_address for m in cluster.managers}
         # The leader's soft state: who heartbeats, and what each node leads.
         self.last_seen: dict[str, float] = {}
@@ -180,6 +192,10 @@ class ManagerServer:
         if state.version < self.state.version:
             return  # a late note about an older state
         self._state_raw, self.state = raw, state
+        client_map = state.client_map()
+        if {**client_map, "version": 0} == {**self._client_map, "version": 0}:
+            return  # the map is as it was: watchers sleep on
+        self._client_map = client_map
         self._state_changed.set()
         self._state_changed = trio.Event()
 
@@ -216,15 +232,16 @@ class ManagerServer:
         and-set on its version, retried on a conflict). StateError from ``fn``
         propagates: nothing changed."""
         assert self.proposer is not None
-        for _ in range(10):
-            current = await self.committed_state()
-            new = fn(current)
-            if new is current or new.version == current.version:
-                return current
-            command = SetState(current.version, new)
-            result = await self._await(functools.partial(self.proposer.propose, command))
-            if result.get("ok"):
-                return new
+        async with self._change_lock:  # one change at a time: no conflicts on this leader
+            for _ in range(10):
+                current = await self.committed_state()
+                new = fn(current)
+                if new is current or new.version == current.version:
+                    return current
+                command = SetState(current.version, new)
+                result = await self._await(functools.partial(self.proposer.propose, command))
+                if result.get("ok"):
+                    return new
         raise Unavailable("the shard manager state kept changing; try again")
 
     # -- requests -------------------------------------------------------------------
@@ -262,9 +279,9 @@ class ManagerServer:
         if after is not None:
             wait_s = min(float(fields.get("wait_s", 10.0)), MAP_WAIT_S_MAX)
             with trio.move_on_after(wait_s):
-                while self.state.version <= _int(fields, "after"):
+                while self._client_map["version"] <= _int(fields, "after"):
                     await self._state_changed.wait()
-        return self.state.client_map()
+        return self._client_map
 
     async def _heartbeat(self, fields: dict[str, Any]) -> Any:
         self._require_leader()
@@ -348,6 +365,66 @@ class ManagerServer:
             "uptime_s": time.time() - self.started_at, "faults": self.links.spec.to_json(),
         }
 
+    # -- resharding ---------------------------------------------------------------
+
+    async def _reshard(self, fields: dict[str, Any]) -> Any:
+        name, count = _str(fields, "ks"), _int(fields, "physical_shards")
+        if fields.get("plan"):
+            return rs.preview(await self.committed_state(), name, count)
+        self._require_leader()
+        await self._wait_for_heartbeats()
+        alive = self.alive()
+        new = await self.change(lambda s: rs.start(s, name, count, alive=alive,
+                                                   now=time.time()))
+        return rs.progress(new, name)
+
+    async def _reshard_status(self, fields: dict[str, Any]) -> Any:
+        name = _str(fields, "ks")
+        state = await self.committed_state()
+        if name not in state.keyspaces:
+            raise BadRequest(f"no keyspace {name!r}")
+        return rs.progress(state, name)
+
+    async def _reshard_abort(self, fields: dict[str, Any]) -> Any:
+        name = _str(fields, "ks")
+        return rs.progress(await self.change(lambda s: rs.abort(s, name)), name)
+
+    async def _move_claim(self, fields: dict[str, Any]) -> Any:
+        worker = _str(fields, "worker")
+        per_node_max = _int(fields, "per_node_max", rs.PER_NODE_MAX_DEFAULT)
+        if per_node_max < 1:
+            raise BadRequest("field 'per_node_max' must be at least 1")
+        self._require_leader()
+        if not any(rs.running(self.state, k) for k in self.state.keyspaces):
+            return None  # the applied state says there is nothing: no log entry needed
+        claimed: list[Any] = []
+
+        def claim(s: st.ClusterState) -> st.ClusterState:
+            new, move = rs.claim(s, worker, now=time.time(), per_node_max=per_node_max)
+            claimed[:] = [move]
+            return new
+
+        new = await self.change(claim)
+        move = claimed[0] if claimed else None
+        if move is None:
+            return None
+        return {"move": move.to_json(), "lease_s": rs.LEASE_S,
+                "shards": {str(i): [new.nodes[r.node].client_address
+                                    for r in new.shards[i].replicas]
+                           for i in (move.src, move.dst) if i in new.shards}}
+
+    async def _move_update(self, fields: dict[str, Any]) -> Any:
+        worker, move_id = _str(fields, "worker"), _int(fields, "move")
+        steps, stats = fields.get("steps", []), fields.get("stats", {})
+        if not isinstance(steps, list) or not all(
+                isinstance(x, list) and len(x) == 2 and isinstance(x[0], str) for x in steps):
+            raise BadRequest("field 'steps' must be a list of [phase, result]")
+        if not isinstance(stats, dict):
+            raise BadRequest("field 'stats' must be a map")
+        new = await self.change(lambda s: rs.update(
+            s, worker, move_id, [(p, r) for p, r in steps], stats, now=time.time()))
+        return new.moves[move_id].to_json()
+
     async def _fault(self, fields: dict[str, Any]) -> Any:
         spec = fields.get("spec")
         if not isinstance(spec, dict):
@@ -387,6 +464,8 @@ class ManagerServer:
                         state = await self.committed_state()
                         await self._tell_owners(pool, state)
                         await self._purge_dropped(pool, state)
+                        if any(rs.running(state, k) for k in state.keyspaces):
+                            await self.change(lambda s: rs.tick(s, now=time.time()))
                     state = self.state
                     if (now - self._leading_since > NODE_DEAD_AFTER_S
                             and now - last_balance > LEADER_BALANCE_PERIOD_S):
@@ -399,21 +478,7 @@ class ManagerServer:
                              shard: st.ShardInfo, msg: dict[str, Any]) -> Any:
         """A request to a group's leader, trying each replica (and leader hints)."""
         addresses = [state.nodes[r.node].client_address for r in shard.replicas]
-        last: RaftKVError | None = None
-        for first in addresses:
-            address = first
-            for _ in range(2):
-                try:
-                    return await pool.request(address, {**msg, "shard": shard.id}, 5.0)
-                except NotLeader as exc:
-                    last = exc
-                    if exc.leader is None or exc.leader == address:
-                        break
-                    address = exc.leader
-                except RaftKVError as exc:
-                    last = exc
-                    break
-        raise last or Unavailable(f"shard {shard.id} has no replicas")
+        return await request_leader(pool, addresses, {**msg, "shard": shard.id}, 5.0)
 
     async def _tell_owners(self, pool: ConnectionPool, state: st.ClusterState) -> None:
         pending = [s for s in state.shards.values()
@@ -490,7 +555,8 @@ class ManagerServer:
 def _pending_work(state: st.ClusterState) -> bool:
     """Groups to tell what they own, or dropped keyspaces to purge."""
     return any(not s.owned for s in state.shards.values()) or any(
-        k.state == st.KEYSPACE_DROPPING for k in state.keyspaces.values())
+        k.state == st.KEYSPACE_DROPPING or rs.running(state, k.name) is not None
+        for k in state.keyspaces.values())
 
 
 def _keyspace_json(state: st.ClusterState, ks: st.KeyspaceInfo) -> dict[str, Any]:
@@ -508,6 +574,11 @@ _HANDLERS: dict[str, Callable[[ManagerServer, dict[str, Any]], Any]] = {
     "cluster": ManagerServer._cluster,
     "status": ManagerServer._status,
     "fault": ManagerServer._fault,
+    "reshard": ManagerServer._reshard,
+    "reshard_status": ManagerServer._reshard_status,
+    "reshard_abort": ManagerServer._reshard_abort,
+    "move_claim": ManagerServer._move_claim,
+    "move_update": ManagerServer._move_update,
     "ping": ManagerServer._ping,
 }
 

@@ -22,6 +22,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from shardmgr.moves import RESHARD_LIVE, Move, Reshard
 from shardmgr.placement import (
     DataCenterId,
     Node,
@@ -119,6 +120,11 @@ class ClusterState:
     shards: Mapping[int, ShardInfo] = field(default_factory=dict)
     next_keyspace_id: int = 0
     next_shard_id: int = 1
+    moves: Mapping[int, Move] = field(default_factory=dict)
+    """The moves of running reshards, by id (``shardmgr.reshard``)."""
+    reshards: Mapping[str, Reshard] = field(default_factory=dict)
+    """Each keyspace's latest reshard, running or finished."""
+    next_move_id: int = 1
 
     # -- queries ---------------------------------------------------------------
 
@@ -145,12 +151,12 @@ class ClusterState:
                       "state": ks.state, "map": list(ks.logical_map)}
             for ks in self.keyspaces.values() if ks.state != KEYSPACE_DROPPING
         }
-        serving = {p for ks in self.keyspaces.values() if ks.state != KEYSPACE_DROPPING
-                   for p in ks.logical_map}
+        # Every group of a serving keyspace, also one a move fills before the
+        # map names it: a client follows a moved_to hint there.
         shards = {
             str(s.id): [{"node": r.node, "address": self.nodes[r.node].client_address,
                          "raft_address": self.raft_address(r)} for r in s.replicas]
-            for s in self.shards.values() if s.id in serving
+            for s in self.shards.values() if s.keyspace in keyspaces
         }
         return {"version": self.version, "keyspaces": keyspaces, "shards": shards}
 
@@ -172,6 +178,9 @@ class ClusterState:
             ],
             "next_keyspace_id": self.next_keyspace_id,
             "next_shard_id": self.next_shard_id,
+            "moves": [m.to_json() for _, m in sorted(self.moves.items())],
+            "reshards": [r.to_json() for _, r in sorted(self.reshards.items())],
+            "next_move_id": self.next_move_id,
         }
 
     @classmethod
@@ -187,8 +196,10 @@ class ClusterState:
                                s["owned"], s["created_version"])
             for s in data["shards"]
         }
+        moves = {m["id"]: Move.from_json(m) for m in data.get("moves", ())}
+        reshards = {r["keyspace"]: Reshard.from_json(r) for r in data.get("reshards", ())}
         return cls(data["version"], nodes, keyspaces, shards, data["next_keyspace_id"],
-                   data["next_shard_id"])
+                   data["next_shard_id"], moves, reshards, data.get("next_move_id", 1))
 
 
 # -- changes ---------------------------------------------------------------------
@@ -240,9 +251,26 @@ def create_keyspace(state: ClusterState, name: str, *, logical_shards: int,
     if len(live) < replication_factor:
         raise StateError(f"replication factor {replication_factor} needs that many live "
                          f"nodes; {len(live)} are live")
-    new_ids = list(range(state.next_shard_id, state.next_shard_id + physical_shards))
+    shards, new_ids = new_shards(state, name, physical_shards, replication_factor, live)
+    logical_map = tuple(new_ids[ls * physical_shards // logical_shards]
+                        for ls in range(logical_shards))
+    keyspace = KeyspaceInfo(name, state.next_keyspace_id, logical_shards, replication_factor,
+                            KEYSPACE_CREATING, logical_map)
+    return _bump(state, keyspaces={**state.keyspaces, name: keyspace}, shards=shards,
+                 next_keyspace_id=state.next_keyspace_id + 1,
+                 next_shard_id=state.next_shard_id + physical_shards)
+
+
+def new_shards(state: ClusterState, keyspace: str, count: int, replication_factor: int,
+               live: list[str]) -> tuple[dict[int, ShardInfo], list[int]]:
+    """``state``'s shards plus ``count`` new ones of ``keyspace``, placed over the
+    ``live`` nodes, and the new ids (from ``next_shard_id``; the caller bumps it)."""
+    if count + len([s for s in state.shards.values() if s.keyspace == keyspace]) \
+            > PHYSICAL_SHARDS_PER_KEYSPACE_MAX:
+        raise StateError(f"a keyspace has at most {PHYSICAL_SHARDS_PER_KEYSPACE_MAX} "
+                         "physical shards")
+    new_ids = list(range(state.next_shard_id, state.next_shard_id + count))
     placed = _place(state, live, new_ids, replication_factor)
-    version = state.version + 1
     shards = dict(state.shards)
     used_ports = _used_ports(state)
     for shard_id in new_ids:
@@ -251,14 +279,9 @@ def create_keyspace(state: ClusterState, name: str, *, logical_shards: int,
             port = _free_port(state.nodes[node_id], used_ports[node_id])
             used_ports[node_id].add(port)
             replicas.append(ReplicaInfo(node_id, port))
-        shards[shard_id] = ShardInfo(shard_id, name, tuple(replicas), False, version)
-    logical_map = tuple(new_ids[ls * physical_shards // logical_shards]
-                        for ls in range(logical_shards))
-    keyspace = KeyspaceInfo(name, state.next_keyspace_id, logical_shards, replication_factor,
-                            KEYSPACE_CREATING, logical_map)
-    return _bump(state, keyspaces={**state.keyspaces, name: keyspace}, shards=shards,
-                 next_keyspace_id=state.next_keyspace_id + 1,
-                 next_shard_id=state.next_shard_id + physical_shards)
+        shards[shard_id] = ShardInfo(shard_id, keyspace, tuple(replicas), False,
+                                     state.version + 1)
+    return shards, new_ids
 
 
 def _place(state: ClusterState, live: list[str], new_ids: list[int],
@@ -330,6 +353,10 @@ def drop_keyspace(state: ClusterState, name: str) -> ClusterState:
         raise StateError(f"no keyspace {name!r}")
     if ks.state == KEYSPACE_DROPPING:
         return state
+    reshard = state.reshards.get(name)
+    if reshard is not None and reshard.state in RESHARD_LIVE:
+        raise StateError(f"keyspace {name!r} is being resharded; abort that first "
+                         "(raftkv reshard --abort)")
     return _bump(state, keyspaces={**state.keyspaces, name: replace(ks, state=KEYSPACE_DROPPING)})
 
 
@@ -343,4 +370,5 @@ def remove_keyspace(state: ClusterState, name: str) -> ClusterState:
         raise StateError(f"keyspace {name!r} is not being dropped")
     keyspaces = {k: v for k, v in state.keyspaces.items() if k != name}
     shards = {i: s for i, s in state.shards.items() if s.keyspace != name}
-    return _bump(state, keyspaces=keyspaces, shards=shards)
+    reshards = {k: v for k, v in state.reshards.items() if k != name}
+    return _bump(state, keyspaces=keyspaces, shards=shards, reshards=reshards)

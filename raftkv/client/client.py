@@ -65,6 +65,7 @@ log = logging.getLogger(__name__)
 _RETRY_DEFINITE = (NotLeader, Unavailable, Overloaded, ShardMoving)
 WATCH_WAIT_S = 20.0
 MAP_REFRESH_ON_NO_LEADER_S = 1.0
+MOVING_BACKOFF_MAX_S = 0.02
 
 
 @dataclass(frozen=True)
@@ -199,6 +200,28 @@ class ConnectionPool:
         for conn in list(self._connections.values()):
             await conn.aclose()
         self._connections.clear()
+
+
+async def request_leader(pool: ConnectionPool, addresses: list[str], msg: dict[str, Any],
+                         timeout_s: float) -> Any:
+    """``msg`` to the leader of a group whose replicas serve at ``addresses``:
+    each is tried in turn, following its NOT_LEADER hint once. Raises the
+    last error if none answered."""
+    last: RaftKVError | None = None
+    for first in addresses:
+        address = first
+        for _ in range(2):
+            try:
+                return await pool.request(address, msg, timeout_s)
+            except NotLeader as exc:
+                last = exc
+                if exc.leader is None or exc.leader == address:
+                    break
+                address = exc.leader
+            except RaftKVError as exc:
+                last = exc
+                break
+    raise last or Unavailable("the group has no replicas")
 
 
 class AsyncClient:
@@ -523,7 +546,9 @@ class AsyncClient:
                     f"no leader reachable within {self.retry_budget_s} s (last error: {last})")
             self.retries += 1
             await trio.sleep(backoff_s * (0.5 + random.random()))
-            backoff_s = min(backoff_s * 2, 0.5)
+            # A cutover (SHARD_MOVING) lasts milliseconds: poll it closely.
+            backoff_s = min(backoff_s * 2, MOVING_BACKOFF_MAX_S
+                            if isinstance(last, ShardMoving) else 0.5)
 
 
 @asynccontextmanager

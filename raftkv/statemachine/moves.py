@@ -29,7 +29,8 @@ can never have two owners.
 
 Steps (``MoveStep.step``), in the order a move uses them:
 
-- destination ``prepare`` {name, total}: no record -> INCOMING;
+- destination ``prepare`` {name, total}: no record (or an earlier move's
+  MOVED or ABORTED tombstone, once none of L's keys are left) -> INCOMING;
 - source ``capture``: ACTIVE -> ACTIVE capturing;
 - destination ``ingest`` {cursor, next, kvs}: bulk copy; applied only if
   ``cursor`` is the stored one (else the answer holds the stored cursor);
@@ -40,7 +41,8 @@ Steps (``MoveStep.step``), in the order a move uses them:
   ACTIVE (the cutover);
 - source ``moved`` {dest}: FROZEN -> MOVED;
 - source ``cleanup`` {n}: MOVED: delete up to n keys of L and its changelog;
-- destination ``abort``: INCOMING (or nothing) -> ABORTED; refused once active;
+- destination ``abort``: INCOMING (or nothing, or an earlier move's tombstone)
+  -> ABORTED; refused once active;
 - source ``unfreeze``: capturing or FROZEN -> ACTIVE, changelog dropped;
 - destination ``purge`` {n}: ABORTED: delete up to n keys of the partial copy.
 """
@@ -194,12 +196,23 @@ def _prepare(state: MoveState, step: MoveStep, owner: Owner | None,
         return {"cursor": owner.cursor, "seq": owner.seq}  # type: ignore[union-attr]
     if owner is not None and owner.state == ACTIVE and owner.via == step.move_id:
         return {"active": True}
-    if owner is not None:
+    if owner is not None and not _tombstone(state, step, owner):
         return _refused(owner, "the destination already has a part in this logical shard")
     state.writes[layout.keyspace_key(step.data["name"])] = layout.encode_keyspace(
         step.keyspace_id, step.data["total"])
     state.writes[key] = Owner(INCOMING, step.move_id).encode()
     return {"cursor": b"", "seq": 0}
+
+
+def _tombstone(state: MoveState, step: MoveStep, owner: Owner) -> bool:
+    """An earlier move's record that a new move into this group may replace:
+    MOVED (the logical shard left, and comes back now) or ABORTED (a copy in
+    that was given up), with none of the logical shard's keys left here (the
+    earlier move's cleanup or purge finished)."""
+    if owner.state not in (MOVED, ABORTED) or owner.move == step.move_id:
+        return False
+    return not any(state.scan(start, stop, 1)
+                   for start, stop in layout.shard_ranges(step.keyspace_id, step.logical_shard))
 
 
 def _ingest(state: MoveState, step: MoveStep, owner: Owner | None,
@@ -253,7 +266,8 @@ def _abort(state: MoveState, step: MoveStep, owner: Owner | None,
         return {"aborted": True}
     if owner is not None and owner.state == ACTIVE and owner.via == step.move_id:
         return _refused(owner, "the move was activated here: too late to abort")
-    if owner is None or _mine(owner, step, INCOMING):
+    if owner is None or _mine(owner, step, INCOMING) or (
+            owner.move != step.move_id and owner.state in (MOVED, ABORTED)):
         state.writes[key] = Owner(ABORTED, step.move_id).encode()
         return {"aborted": True}
     return _refused(owner, "abort: the record belongs to another move")

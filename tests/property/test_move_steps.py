@@ -26,6 +26,7 @@ from raftkv.statemachine.commands import (
 )
 from raftkv.statemachine.moves import MoveStep
 from tests.move_support import (
+    A_ID,
     B_ID,
     CLIENTS,
     KEYS,
@@ -182,6 +183,49 @@ def test_cleanup_and_purge_delete_in_chunks() -> None:
     while c.step("purge", n=3)["more"]:
         pass
     assert c.shard_keys() == {} and c.user_key_count() == 0
+
+
+def test_a_logical_shard_moves_back_into_a_group_once_its_old_copy_is_gone() -> None:
+    a, b = source(), Group()
+    for i, key in enumerate(KEYS[:4]):
+        a.run(put(CLIENTS[0], i + 1, key, b"v%d" % i))
+    b.step("prepare", name=NAME, total=TOTAL)
+    a.step("capture")
+    copy_all(a, b, page=3)
+    a.step("freeze")
+    b.step("activate", seq=0)
+    a.step("moved", dest=B_ID)
+    back = MOVE + 1
+
+    def step_back(group: Group, what: str, **data: Any) -> dict[str, Any]:
+        result: dict[str, Any] = group.run(MoveStep(what, KS, LS, back, data))[0]
+        return result
+
+    # A still holds the old copy: a move back is refused until cleanup ends.
+    assert step_back(a, "prepare", name=NAME, total=TOTAL)["err"] == "MOVE_REFUSED"
+    while a.step("cleanup", n=2)["more"]:
+        pass
+    assert step_back(a, "prepare", name=NAME, total=TOTAL) == {"cursor": b"", "seq": 0,
+                                                               "i": a.index}
+    assert b.run(put(CLIENTS[0], 10, KEYS[0], b"at-b"))[0]["r"] == [None]
+    step_back(b, "capture")
+    after = b""
+    while True:
+        page = [[k, v] for k, v in sorted(b.shard_keys().items()) if k > after][:2]
+        if not page:
+            break
+        assert step_back(a, "ingest", cursor=after, next=page[-1][0], kvs=page)["cursor"]
+        after = page[-1][0]
+    assert step_back(b, "freeze")["seq"] == 0
+    assert step_back(a, "activate", seq=0)["active"] is True
+    assert step_back(b, "moved", dest=A_ID)["moved"] is True
+    assert a.owner().state == "ACTIVE" and b.owner().state == "MOVED"
+    assert a.shard_keys() == b.shard_keys()
+    assert a.run(put(CLIENTS[0], 11, KEYS[1], b"home"))[0]["r"] == [None]
+    # An abort of a later move finds the tombstone and replaces it.
+    again = MOVE + 2
+    assert b.run(MoveStep("abort", KS, LS, again, {}))[0]["aborted"] is True
+    assert b.owner().state == "ABORTED" and b.owner().move == again
 
 
 # -- whole moves ---------------------------------------------------------------------------

@@ -1,0 +1,253 @@
+"""A resharding worker (``raftkv reshard-worker``): claims moves from the
+shard manager and carries out their phases in the groups.
+
+The worker keeps nothing that matters: the move's phase lives in the
+manager's state, and every step it sends a group is idempotent. After each
+phase it reports the group's answer (``move_update``, a compare-and-set on
+the phase that also renews its lease); if that is refused, the move went to
+another worker (or was aborted) and this one drops it. The cutover (freeze,
+ship the last records, activate, moved) is done without reporting in
+between, so the logical shard is unavailable only for the groups' own steps;
+a worker dying inside it leaves the move in ``freeze``, which its successor
+redoes (a frozen source answers the same final seq).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import signal
+import socket
+import time
+from typing import Any
+
+import trio
+
+from raftkv.client.client import AsyncClient, ConnectionPool, open_client, request_leader
+from raftkv.errors import BadRequest, RaftKVError
+from raftkv.statemachine import layout
+from shardmgr.moves import FINAL, Move, MoveError, action, advance
+
+log = logging.getLogger(__name__)
+
+PAGE_KEYS = 500
+SHIP_RECORDS = 500
+CATCHUP_LAG_RECORDS = 20  # freeze once a round of catch-up ships fewer than this
+CATCHUP_ROUNDS_MAX = 50
+PROGRESS_EVERY_S = 2.0
+IDLE_POLL_S = 0.3
+GROUP_TIMEOUT_S = 30.0  # a step waits out leader elections up to this long
+# Phases reported together with the one after them: the cutover.
+_CUTOVER = ("freeze", "ship", "activate")
+
+
+class MoveDropped(Exception):
+    """The manager no longer gives this worker the move."""
+
+
+class Worker:
+    def __init__(self, kv: AsyncClient, pool: ConnectionPool, worker_id: str, *,
+                 per_node_max: int) -> None:
+        self.kv = kv
+        self.pool = pool
+        self.id = worker_id
+        self.per_node_max = per_node_max
+        self.moves_done = 0
+
+    async def run(self, *, exit_when_idle: bool = False) -> None:
+        """Claim and drive moves until cancelled (or, with ``exit_when_idle``,
+        until the manager has none to give)."""
+        while True:
+            try:
+                claim = await self.kv.manager({"op": "move_claim", "worker": self.id,
+                                               "per_node_max": self.per_node_max})
+            except RaftKVError as exc:
+                log.warning("claim failed: %s", exc)
+                await trio.sleep(1.0)
+                continue
+            if claim is None:
+                if exit_when_idle:
+                    return
+                await trio.sleep(IDLE_POLL_S)
+                continue
+            try:
+                await self.drive(Move.from_json(claim["move"]),
+                                 {int(k): v for k, v in claim["shards"].items()})
+            except MoveDropped as exc:
+                log.info("%s", exc)
+            except RaftKVError as exc:
+                # The lease runs out and another worker (or this one) takes over.
+                log.warning("move %s: %s", claim["move"]["id"], exc)
+                await trio.sleep(1.0)
+
+    async def drive(self, move: Move, shards: dict[int, list[str]]) -> None:
+        """Carry ``move`` from its phase to its end."""
+        pending: list[list[Any]] = []  # [phase, result] not reported yet
+        frozen_at: float | None = None
+        self._stats: dict[str, Any] = {}
+        self._last_report = time.monotonic()
+        while move.phase not in FINAL and move.stuck is None:
+            act = action(move)
+            if move.phase == "freeze":
+                frozen_at = time.monotonic()
+            if act.kind == "step":
+                assert act.shard is not None and act.step is not None
+                result = await self._send(move, act.shard, act.step, act.data, shards)
+            elif act.kind == "copy":
+                result = await self._copy(move, shards)
+            elif act.kind == "ship":
+                result = await self._ship(move, shards, act.data.get("upto"))
+            else:
+                raise MoveError(f"move {move.id}: no worker action for {act.kind}")
+            pending.append([move.phase, result])
+            try:
+                after: Move | None = advance(move, result)
+            except MoveError:
+                after = None  # reported: the manager marks the move stuck
+            if after is not None and move.phase in _CUTOVER and after.phase in (
+                    "ship", "activate", "moved"):
+                move = after  # inside the cutover: report once it is over
+                continue
+            if after is not None and after.phase == "publish" and frozen_at is not None:
+                self._stats["unavailable_ms"] = round((time.monotonic() - frozen_at) * 1000, 3)
+            move = await self._report(move.id, pending)
+            pending = []
+        if move.phase == "done":
+            self.moves_done += 1
+
+    async def _report(self, move_id: int, steps: list[list[Any]]) -> Move:
+        stats, self._stats = self._stats, {}
+        self._last_report = time.monotonic()
+        try:
+            raw = await self.kv.manager({"op": "move_update", "worker": self.id, "move": move_id,
+                                         "steps": steps, "stats": stats})
+        except BadRequest as exc:
+            raise MoveDropped(f"move {move_id} dropped: {exc.message}") from exc
+        return Move.from_json(raw)
+
+    async def _progress(self, move: Move) -> None:
+        """Renew the lease during a long phase (and report figures so far)."""
+        if time.monotonic() - self._last_report >= PROGRESS_EVERY_S:
+            await self._report(move.id, [])
+
+    async def _group(self, shards: dict[int, list[str]], shard: int,
+                     msg: dict[str, Any]) -> Any:
+        """``msg`` to the leader of ``shard``, waiting out an election."""
+        deadline = trio.current_time() + GROUP_TIMEOUT_S
+        delay = 0.05
+        while True:
+            try:
+                return await request_leader(self.pool, shards[shard], {**msg, "shard": shard},
+                                            10.0)
+            except RaftKVError as exc:
+                if exc.definite and exc.code in ("BAD_REQUEST",):
+                    raise
+                if trio.current_time() + delay > deadline:
+                    raise
+            await trio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+    async def _send(self, move: Move, shard: int, step: str, data: dict[str, Any],
+                    shards: dict[int, list[str]]) -> dict[str, Any]:
+        result: dict[str, Any] = await self._group(shards, shard, {
+            "op": "move", "step": step, "ks_id": move.ks_id, "ls": move.ls, "move": move.id,
+            "data": data})
+        return result
+
+    async def _copy(self, move: Move, shards: dict[int, list[str]]) -> dict[str, Any]:
+        """Page the logical shard's keys from the source into the destination,
+        from where the destination's cursor is, up to the greatest key at the
+        first page (keys written since are in the changelog)."""
+        cursor, end, keys = b"", None, 0
+        first = True
+        while True:
+            page = await self._group(shards, move.src, {
+                "op": "move_read", "ks_id": move.ks_id, "ls": move.ls, "after": cursor,
+                "limit": PAGE_KEYS})
+            if first:
+                end, first = page["end"], False
+            items = page["items"]
+            if not items or end is None:
+                break
+            last = bytes(items[-1][0])
+            result = await self._send(move, move.dst, "ingest",
+                                      {"cursor": cursor, "next": last, "kvs": items}, shards)
+            if result.get("stale"):
+                cursor = bytes(result["cursor"])  # a predecessor copied up to there
+                if cursor >= end:
+                    break
+                continue
+            if "err" in result:
+                return result
+            copied = sum(1 for k, _ in items if bytes(k).startswith(layout.DATA_PREFIX))
+            keys += copied
+            self._add("keys", copied)
+            self._add("bytes", sum(len(k) + len(v) for k, v in items))
+            cursor = last
+            if not page["more"] or cursor >= end:
+                break
+            await self._progress(move)
+        return {"copied": keys}  # the count goes in the stats (as the copy goes)
+
+    async def _ship(self, move: Move, shards: dict[int, list[str]],
+                    upto: int | None) -> dict[str, Any]:
+        """Changelog records into the destination: up to ``upto``, or (catch-up)
+        until a round is small."""
+        applied, rounds = 0, 0
+        while upto is None or applied < upto:
+            rounds += 1
+            got = await self._group(shards, move.src, {
+                "op": "move_read", "ks_id": move.ks_id, "ls": move.ls, "move": move.id,
+                "from": applied + 1, "limit": SHIP_RECORDS})
+            records = got["records"]
+            if not records:
+                if upto is None:
+                    break
+                return {"err": "MOVE_REFUSED", "state": None, "move": move.id,
+                        "msg": f"the source's changelog ends at {applied}, before {upto}"}
+            result = await self._send(move, move.dst, "delta",
+                                      {"from": applied + 1, "records": records}, shards)
+            if result.get("stale"):
+                applied = int(result["seq"])  # the destination has these already
+                continue
+            if "err" in result:
+                return result
+            applied = int(result["seq"])
+            self._add("records", len(records))
+            if upto is None:
+                if len(records) < CATCHUP_LAG_RECORDS or rounds >= CATCHUP_ROUNDS_MAX:
+                    break
+                await self._progress(move)
+        return {"seq": applied}
+
+    def _add(self, name: str, n: int) -> None:
+        self._stats[name] = self._stats.get(name, 0) + n
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+async def run_workers(managers: list[str], count: int, *, per_node_max: int,
+                      exit_when_idle: bool = False, worker_id: str | None = None) -> None:
+    """``count`` workers in this process (``raftkv reshard-worker``)."""
+    base = worker_id or default_worker_id()
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with open_client(managers, watch_map=False, retry_budget_s=30.0) as kv, \
+                trio.open_nursery() as nursery:
+            pool = ConnectionPool(nursery)
+
+            async def stop_on_signal() -> None:
+                async for signum in signals:
+                    log.info("signal %d: stopping", signum)
+                    nursery.cancel_scope.cancel()
+
+            nursery.start_soon(stop_on_signal)
+            async with trio.open_nursery() as workers:
+                for i in range(count):
+                    worker = Worker(kv, pool, base if count == 1 else f"{base}.{i}",
+                                    per_node_max=per_node_max)
+                    workers.start_soon(functools.partial(worker.run,
+                                                         exit_when_idle=exit_when_idle))
+            nursery.cancel_scope.cancel()

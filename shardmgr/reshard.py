@@ -76,8 +76,11 @@ def preview(state: ClusterState, keyspace: str, physical_shards: int) -> dict[st
     """What ``start`` would do: the groups kept, made and removed, and the moves
     (new groups shown as ``+1``, ``+2``, ...)."""
     ks, targets, created = _targets(state, keyspace, physical_shards)
+    # The ids start would give the new groups, so the plan is the same.
+    new_ids = range(state.next_shard_id, state.next_shard_id + created)
+    targets = [t for t in targets if t > 0] + list(new_ids)
     names: dict[int, int | str] = {t: t for t in targets}
-    names.update({-i: f"+{i}" for i in range(1, created + 1)})
+    names.update({shard: f"+{i}" for i, shard in enumerate(new_ids, 1)})
     moves = plan(list(ks.logical_map), targets)
     return {"keyspace": keyspace, "from": list(ks.shard_ids), "to": physical_shards,
             "new_shards": created,
@@ -154,10 +157,12 @@ def abort(state: ClusterState, keyspace: str) -> ClusterState:
     for move in _moves_of(state, job):
         if move.phase in FINAL:
             continue
+        if move.stuck is not None:  # the operator's abort gives it another try
+            moves[move.id] = replace(move, stuck=None, worker=None, lease_until=0.0)
         if not move.started:
             moves[move.id] = replace(move, phase="aborted", error="aborted before it started")
         else:
-            turned = request_abort(replace(move, stuck=None))
+            turned = request_abort(moves[move.id])
             if turned.phase != move.phase:  # the holder finds it changed; anyone may claim it
                 moves[move.id] = replace(turned, worker=None, lease_until=0.0)
     return _bump(state, moves=moves,
@@ -180,7 +185,8 @@ def claim(state: ClusterState, worker: str, *, now: float,
     live = [m for m in state.moves.values() if m.phase not in FINAL and m.stuck is None]
     for move in sorted(live, key=lambda m: m.id):
         if move.worker == worker and move.lease_until > now:
-            return _lease(state, move, worker, now), state.moves[move.id]
+            renewed = _lease(state, move, worker, now)
+            return renewed, renewed.moves[move.id]
     busy: dict[str, int] = {}
     for move in live:
         if move.worker is not None and move.lease_until > now:

@@ -88,6 +88,16 @@ REQUEST_TIMEOUT_S = 10.0
 EXPIRE_PERIOD_S = 1.0
 
 
+@dataclass(eq=False)
+class _Change:
+    """One caller's change, waiting to be committed with others."""
+
+    fn: Callable[[st.ClusterState], st.ClusterState]
+    result: st.ClusterState | None = None
+    error: Exception | None = None
+    done: bool = False
+
+
 @dataclass
 class ManagerRequest:
     id: int
@@ -132,6 +142,8 @@ class ManagerServer:
         self._state_raw: bytes | None = None
         self._state_changed = trio.Event()
         self._change_lock = trio.Lock()
+        self._pending: list[_Change] = []
+        self._synced_term: int | None = None
         # The client map and the state version at which it last changed: moves
         # change the state often, the map seldom, and watchers wake only for it.
         self._client_map: dict[str, Any] = self.state.client_map()
@@ -229,20 +241,67 @@ class ManagerServer:
 
     async def change(self, fn: Callable[[st.ClusterState], st.ClusterState]) -> st.ClusterState:
         """Apply ``fn`` to the committed state and commit the result (compare-
-        and-set on its version, retried on a conflict). StateError from ``fn``
-        propagates: nothing changed."""
-        assert self.proposer is not None
-        async with self._change_lock:  # one change at a time: no conflicts on this leader
+        and-set on its version, retried on a conflict); the state after ``fn``.
+        StateError from ``fn`` propagates: nothing of it changed.
+
+        Group commit: changes that arrive while one is in flight are applied
+        in turn to the same state and committed together in one log entry, so
+        many workers' reports cost one round of Raft, not one each."""
+        slot = _Change(fn)
+        self._pending.append(slot)
+        async with self._change_lock:
+            if not slot.done:
+                batch, self._pending = self._pending, []
+                await self._commit(batch)
+        if slot.error is not None:
+            raise slot.error
+        assert slot.result is not None
+        return slot.result
+
+    async def _commit(self, batch: list[_Change]) -> None:
+        assert self.proposer is not None and self.replica is not None
+        try:
             for _ in range(10):
-                current = await self.committed_state()
-                new = fn(current)
-                if new is current or new.version == current.version:
-                    return current
+                current = await self._state_for_change()
+                new = current
+                for slot in batch:
+                    try:
+                        new = slot.fn(new)
+                        slot.result, slot.error = new, None
+                    except st.StateError as exc:
+                        slot.result, slot.error = None, exc
+                if new.version == current.version:
+                    return
                 command = SetState(current.version, new)
                 result = await self._await(functools.partial(self.proposer.propose, command))
                 if result.get("ok"):
-                    return new
-        raise Unavailable("the shard manager state kept changing; try again")
+                    return
+                self._synced_term = None  # another leader changed it: read behind a barrier
+            for slot in batch:
+                slot.result, slot.error = None, Unavailable(
+                    "the shard manager state kept changing; try again")
+        except BaseException as exc:
+            for slot in batch:
+                slot.result, slot.error = None, (
+                    exc if isinstance(exc, RaftKVError) else Unavailable(f"{exc!r}"))
+            raise
+        finally:
+            for slot in batch:
+                slot.done = True
+
+    async def _state_for_change(self) -> st.ClusterState:
+        """The committed state. Behind a barrier once per term: after that, every
+        change of the state goes through this leader's ``_commit`` and is in
+        the store when its proposal returns. (Were another leader elected
+        meanwhile, the compare-and-set refuses the proposal, and the next try
+        reads behind a barrier again.)"""
+        assert self.replica is not None
+        term = self.replica.term
+        if self._synced_term == term and self.replica.is_leader:
+            return load_state(self.replica.store.get(STATE_KEY))
+        state = await self.committed_state()
+        self._synced_term = term
+        return state
 
     # -- requests -------------------------------------------------------------------
 

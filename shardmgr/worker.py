@@ -9,7 +9,9 @@ another worker (or was aborted) and this one drops it. The cutover (freeze,
 ship the last records, activate, moved) is done without reporting in
 between, so the logical shard is unavailable only for the groups' own steps;
 a worker dying inside it leaves the move in ``freeze``, which its successor
-redoes (a frozen source answers the same final seq).
+redoes (a frozen source answers the same final seq). The phases before the
+freeze are reported together too (see ``_REPORT_BEFORE``): each report is a
+change of the manager's replicated state.
 """
 
 from __future__ import annotations
@@ -38,8 +40,12 @@ CATCHUP_ROUNDS_MAX = 50
 PROGRESS_EVERY_S = 2.0
 IDLE_POLL_S = 0.3
 GROUP_TIMEOUT_S = 30.0  # a step waits out leader elections up to this long
-# Phases reported together with the one after them: the cutover.
-_CUTOVER = ("freeze", "ship", "activate")
+# The worker reports to the manager (a state change there) only before these
+# phases, or when PROGRESS_EVERY_S has passed: before the freeze (where an abort
+# is still cheap), after the cutover (the map changes), at the end. Never
+# inside the cutover, which stays as short as the groups' own steps.
+_REPORT_BEFORE = ("freeze", "publish", "done", "aborted")
+_CUTOVER = ("ship", "activate", "moved")
 
 
 class MoveDropped(Exception):
@@ -105,9 +111,10 @@ class Worker:
                 after: Move | None = advance(move, result)
             except MoveError:
                 after = None  # reported: the manager marks the move stuck
-            if after is not None and move.phase in _CUTOVER and after.phase in (
-                    "ship", "activate", "moved"):
-                move = after  # inside the cutover: report once it is over
+            if after is not None and after.phase not in _REPORT_BEFORE and (
+                    after.phase in _CUTOVER
+                    or time.monotonic() - self._last_report < PROGRESS_EVERY_S):
+                move = after  # idempotent steps: a successor would redo them
                 continue
             if after is not None and after.phase == "publish" and frozen_at is not None:
                 self._stats["unavailable_ms"] = round((time.monotonic() - frozen_at) * 1000, 3)
@@ -173,6 +180,8 @@ class Worker:
             last = bytes(items[-1][0])
             result = await self._send(move, move.dst, "ingest",
                                       {"cursor": cursor, "next": last, "kvs": items}, shards)
+            if result.get("active"):
+                break  # a predecessor went through the cutover and died before reporting
             if result.get("stale"):
                 cursor = bytes(result["cursor"])  # a predecessor copied up to there
                 if cursor >= end:
@@ -208,6 +217,8 @@ class Worker:
                         "msg": f"the source's changelog ends at {applied}, before {upto}"}
             result = await self._send(move, move.dst, "delta",
                                       {"from": applied + 1, "records": records}, shards)
+            if result.get("active"):
+                return {"active": True}  # a predecessor activated the copy already
             if result.get("stale"):
                 applied = int(result["seq"])  # the destination has these already
                 continue

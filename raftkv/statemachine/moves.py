@@ -43,7 +43,9 @@ Steps (``MoveStep.step``), in the order a move uses them:
 - source ``cleanup`` {n}: MOVED: delete up to n keys of L and its changelog;
 - destination ``abort``: INCOMING (or nothing, or an earlier move's tombstone)
   -> ABORTED; refused once active;
-- source ``unfreeze``: capturing or FROZEN -> ACTIVE, changelog dropped;
+- source ``unfreeze``: capturing or FROZEN -> ACTIVE, changelog dropped; the
+  record keeps the move's id as ``ended``, and a late ``capture`` of it is
+  refused;
 - destination ``purge`` {n}: ABORTED: delete up to n keys of the partial copy.
 """
 
@@ -72,6 +74,9 @@ class Owner:
     dest: int | None = None
     capturing: bool = False
     via: int | None = None  # the move that activated this group's copy
+    ended: int = 0
+    """(source) The greatest move id turned back here: a step of it that
+    arrives late (from a worker that lost the move) cannot capture again."""
 
     def encode(self) -> bytes:
         if self == Owner(ACTIVE):
@@ -86,6 +91,8 @@ class Owner:
             out["cursor"] = self.cursor
         if self.capturing:
             out["capturing"] = True
+        if self.ended:
+            out["ended"] = self.ended
         return cbor2.dumps(out)
 
 
@@ -99,7 +106,8 @@ def decode_owner(raw: bytes | None) -> Owner | None:
         return _ACTIVE  # the common case, read on every write: no decoding
     data = cbor2.loads(raw)
     return Owner(data["state"], data.get("move"), data.get("seq", 0), data.get("cursor", b""),
-                 data.get("dest"), data.get("capturing", False), data.get("via"))
+                 data.get("dest"), data.get("capturing", False), data.get("via"),
+                 data.get("ended", 0))
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,8 +223,16 @@ def _tombstone(state: MoveState, step: MoveStep, owner: Owner) -> bool:
                    for start, stop in layout.shard_ranges(step.keyspace_id, step.logical_shard))
 
 
+def _activated(owner: Owner | None, step: MoveStep) -> bool:
+    """This move already activated its copy here: a worker that redoes an
+    earlier phase (its predecessor died before reporting) is told so."""
+    return owner is not None and owner.state == ACTIVE and owner.via == step.move_id
+
+
 def _ingest(state: MoveState, step: MoveStep, owner: Owner | None,
             key: bytes) -> dict[str, Any]:
+    if _activated(owner, step):
+        return {"active": True}
     if not _mine(owner, step, INCOMING):
         return _refused(owner, "ingest needs the move's INCOMING record")
     assert owner is not None
@@ -233,6 +249,8 @@ def _ingest(state: MoveState, step: MoveStep, owner: Owner | None,
 
 def _delta(state: MoveState, step: MoveStep, owner: Owner | None,
            key: bytes) -> dict[str, Any]:
+    if _activated(owner, step):
+        return {"active": True}
     if not _mine(owner, step, INCOMING):
         return _refused(owner, "delta needs the move's INCOMING record")
     assert owner is not None
@@ -283,7 +301,10 @@ def _capture(state: MoveState, step: MoveStep, owner: Owner | None,
         return {"seq": owner.seq}  # type: ignore[union-attr]
     if owner is None or owner.state != ACTIVE or owner.capturing:
         return _refused(owner, "capture needs an ACTIVE record with no move")
-    state.writes[key] = Owner(ACTIVE, step.move_id, 0, capturing=True, via=owner.via).encode()
+    if step.move_id <= owner.ended:
+        return _refused(owner, f"move {step.move_id} was turned back here; it cannot capture")
+    state.writes[key] = Owner(ACTIVE, step.move_id, 0, capturing=True, via=owner.via,
+                              ended=owner.ended).encode()
     return {"seq": 0}
 
 
@@ -329,11 +350,16 @@ def _unfreeze(state: MoveState, step: MoveStep, owner: Owner | None,
               key: bytes) -> dict[str, Any]:
     if owner is not None and owner.state == ACTIVE and not (
             owner.capturing and owner.move == step.move_id):
-        return {"active": True}  # already unfrozen (or never captured)
+        # Already unfrozen, or never captured: a capture of this move still on
+        # its way (from a worker that lost the move) must not start later.
+        if owner.ended < step.move_id:
+            state.writes[key] = replace(owner, ended=step.move_id).encode()
+        return {"active": True}
     if not _mine(owner, step, ACTIVE, FROZEN):
         return _refused(owner, "unfreeze: the move is past its cutover, or not this move's")
     assert owner is not None
-    state.writes[key] = Owner(ACTIVE, via=owner.via).encode()
+    state.writes[key] = Owner(ACTIVE, via=owner.via,
+                              ended=max(owner.ended, step.move_id)).encode()
     result = _delete_chunk(state, step, step.data.get("n", 10_000), changelog=True,
                            data=False)
     return {"active": True, "more": result["more"]}

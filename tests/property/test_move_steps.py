@@ -228,6 +228,28 @@ def test_a_logical_shard_moves_back_into_a_group_once_its_old_copy_is_gone() -> 
     assert b.owner().state == "ABORTED" and b.owner().move == again
 
 
+def test_a_turned_back_move_cannot_capture_again_and_an_activated_copy_says_so() -> None:
+    # A capture that arrives after the move was turned back (its worker lost the
+    # move) is refused, whether or not the capture had landed before.
+    for captured_first in (False, True):
+        a = source()
+        if captured_first:
+            a.step("capture")
+        assert a.step("unfreeze")["active"] is True
+        assert a.step("capture")["err"] == "MOVE_REFUSED"
+        assert a.step("freeze")["err"] == "MOVE_REFUSED"
+        assert a.owner().state == "ACTIVE" and not a.owner().capturing
+        assert a.run(put(CLIENTS[0], 1, KEYS[0], b"v"))[0]["r"] == [None]
+    # A worker redoing the copy or the ship after its predecessor activated.
+    a, b = source(), Group()
+    b.step("prepare", name=NAME, total=TOTAL)
+    a.step("capture")
+    a.step("freeze")
+    b.step("activate", seq=0)
+    assert b.step("ingest", cursor=b"", next=b"", kvs=[]) == {"active": True, "i": b.index}
+    assert b.step("delta", records=[], **{"from": 1}) == {"active": True, "i": b.index}
+
+
 # -- whole moves ---------------------------------------------------------------------------
 
 actions = st.lists(st.one_of(

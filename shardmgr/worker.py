@@ -60,6 +60,7 @@ class Worker:
         self.id = worker_id
         self.per_node_max = per_node_max
         self.moves_done = 0
+        self._shipped: dict[int, int] = {}
 
     async def run(self, *, exit_when_idle: bool = False) -> None:
         """Claim and drive moves until cancelled (or, with ``exit_when_idle``,
@@ -93,20 +94,31 @@ class Worker:
         frozen_at: float | None = None
         self._stats: dict[str, Any] = {}
         self._last_report = time.monotonic()
+        frozen: dict[str, Any] | None = None  # the freeze's answer, with records
+        activated_at: float | None = None
         while move.phase not in FINAL and move.stuck is None:
             act = action(move)
             if move.phase == "freeze":
+                # The source answers with the records since the catch-up, and
+                # sends clients to the destination while it is frozen.
                 frozen_at = time.monotonic()
-            if act.kind == "step":
+                result = frozen = await self._send(move, move.src, "freeze", {
+                    "dest": move.dst, "from": self._shipped.get(move.id, 0) + 1}, shards)
+            elif move.phase == "activate" and activated_at is not None:
+                result = {"active": True}  # the last delta activated it
+            elif act.kind == "step":
                 assert act.shard is not None and act.step is not None
                 result = await self._send(move, act.shard, act.step, act.data, shards)
             elif act.kind == "copy":
                 result = await self._copy(move, shards)
             elif act.kind == "ship":
-                result = await self._ship(move, shards, act.data.get("upto"))
+                result = await self._ship(move, shards, act.data.get("upto"), frozen)
             else:
                 raise MoveError(f"move {move.id}: no worker action for {act.kind}")
-            pending.append([move.phase, result])
+            if result.get("active") and move.phase in ("ship", "activate") \
+                    and activated_at is None:
+                activated_at = time.monotonic()
+            pending.append([move.phase, {k: v for k, v in result.items() if k != "records"}])
             try:
                 after: Move | None = advance(move, result)
             except MoveError:
@@ -116,10 +128,14 @@ class Worker:
                     or time.monotonic() - self._last_report < PROGRESS_EVERY_S):
                 move = after  # idempotent steps: a successor would redo them
                 continue
-            if after is not None and after.phase == "publish" and frozen_at is not None:
-                self._stats["unavailable_ms"] = round((time.monotonic() - frozen_at) * 1000, 3)
+            if after is not None and after.phase == "publish" and frozen_at is not None \
+                    and activated_at is not None:
+                # Freeze to activation: the frozen source sends clients to the
+                # destination, which serves them from its activation on.
+                self._stats["unavailable_ms"] = round((activated_at - frozen_at) * 1000, 3)
             move = await self._report(move.id, pending)
             pending = []
+        self._shipped.pop(move.id, None)
         if move.phase == "done":
             self.moves_done += 1
 
@@ -199,26 +215,42 @@ class Worker:
             await self._progress(move)
         return {"copied": keys}  # the count goes in the stats (as the copy goes)
 
-    async def _ship(self, move: Move, shards: dict[int, list[str]],
-                    upto: int | None) -> dict[str, Any]:
-        """Changelog records into the destination: up to ``upto``, or (catch-up)
-        until a round is small."""
-        applied, rounds = 0, 0
-        while upto is None or applied < upto:
+    async def _ship(self, move: Move, shards: dict[int, list[str]], upto: int | None,
+                    frozen: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Changelog records into the destination: until a round is small
+        (catch-up), or up to the final seq ``upto``, activating the copy with
+        the last of them (the cutover; ``frozen``: the freeze's answer, whose
+        records need no read)."""
+        # Where this worker's catch-up left the destination (a guess: a stale
+        # answer corrects it): the cutover then ships only what is new.
+        applied, rounds = self._shipped.get(move.id, 0), 0
+        while True:
             rounds += 1
-            got = await self._group(shards, move.src, {
-                "op": "move_read", "ks_id": move.ks_id, "ls": move.ls, "move": move.id,
-                "from": applied + 1, "limit": SHIP_RECORDS})
-            records = got["records"]
-            if not records:
-                if upto is None:
-                    break
+            if upto is not None and applied > upto:
                 return {"err": "MOVE_REFUSED", "state": None, "move": move.id,
-                        "msg": f"the source's changelog ends at {applied}, before {upto}"}
-            result = await self._send(move, move.dst, "delta",
-                                      {"from": applied + 1, "records": records}, shards)
+                        "msg": f"the destination applied {applied} records, past the "
+                               f"final seq {upto}"}
+            if upto is not None and applied == upto:
+                records: list[Any] = []
+            elif frozen is not None and frozen.get("from") == applied + 1:
+                records, frozen = frozen["records"], None
+            else:
+                got = await self._group(shards, move.src, {
+                    "op": "move_read", "ks_id": move.ks_id, "ls": move.ls, "move": move.id,
+                    "from": applied + 1, "limit": SHIP_RECORDS})
+                records = got["records"]
+                if not records:
+                    if upto is None:
+                        break
+                    return {"err": "MOVE_REFUSED", "state": None, "move": move.id,
+                            "msg": f"the source's changelog ends at {applied}, before {upto}"}
+            data: dict[str, Any] = {"from": applied + 1, "records": records}
+            if upto is not None:
+                data["activate"] = upto
+            result = await self._send(move, move.dst, "delta", data, shards)
             if result.get("active"):
-                return {"active": True}  # a predecessor activated the copy already
+                self._add("records", len(records))
+                return {"seq": applied if upto is None else upto, "active": True}
             if result.get("stale"):
                 applied = int(result["seq"])  # the destination has these already
                 continue
@@ -226,10 +258,12 @@ class Worker:
                 return result
             applied = int(result["seq"])
             self._add("records", len(records))
-            if upto is None:
-                if len(records) < CATCHUP_LAG_RECORDS or rounds >= CATCHUP_ROUNDS_MAX:
-                    break
+            if upto is None and (len(records) < CATCHUP_LAG_RECORDS
+                                 or rounds >= CATCHUP_ROUNDS_MAX):
+                break
+            if upto is None:  # never a report inside the cutover
                 await self._progress(move)
+        self._shipped[move.id] = applied
         return {"seq": applied}
 
     def _add(self, name: str, n: int) -> None:

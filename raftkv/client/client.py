@@ -524,9 +524,13 @@ class AsyncClient:
                     # No hint: maybe an election, maybe the replicas moved.
                     await self.shard_map(refresh=True)
             except ShardMoving as exc:
-                # The logical shard is cutting over to another group: back off (the
-                # group answered, so it stays the one to ask) and try again.
+                # The logical shard is cutting over to another group: back off and
+                # try again, at the group it is going to if the frozen one says
+                # (it serves the shard as soon as it activates).
                 last = exc
+                moved_to = exc.details.get("moved_to")
+                if isinstance(moved_to, int) and moved_to != route.shard:
+                    self._moved[ls] = moved_to
             except (WrongShard, UnknownShard) as exc:
                 last = exc
                 if await self._rerouted(exc, route, ls):

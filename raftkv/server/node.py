@@ -603,12 +603,11 @@ def refusal_error(refusal: dict[str, Any], shard_id: int, keyspace: str | None) 
     """The client error for an apply-time refusal (``moves.client_refusal``)."""
     what = f"logical shard {refusal['ls']}" + (
         f" of keyspace {keyspace!r}" if keyspace is not None else "")
-    if refusal["err"] == "SHARD_MOVING":
-        return ShardMoving(f"{what} is moving (shard {shard_id}); retry shortly",
-                           shard=shard_id, ls=refusal["ls"])
     details: dict[str, Any] = {"shard": shard_id, "ls": refusal["ls"]}
     if refusal.get("dest") is not None:
         details["moved_to"] = refusal["dest"]
+    if refusal["err"] == "SHARD_MOVING":
+        return ShardMoving(f"{what} is moving (shard {shard_id}); retry shortly", **details)
     return WrongShard(f"shard {shard_id} does not own {what}", **details)
 
 

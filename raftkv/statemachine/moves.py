@@ -34,9 +34,12 @@ Steps (``MoveStep.step``), in the order a move uses them:
 - source ``capture``: ACTIVE -> ACTIVE capturing;
 - destination ``ingest`` {cursor, next, kvs}: bulk copy; applied only if
   ``cursor`` is the stored one (else the answer holds the stored cursor);
-- destination ``delta`` {from, records}: changelog records ``from`` ... in
-  order; applied only if ``from`` = stored seq + 1;
-- source ``freeze``: capturing -> FROZEN, answers the final seq;
+- destination ``delta`` {from, records, [activate]}: changelog records
+  ``from`` ... in order; applied only if ``from`` = stored seq + 1; with
+  ``activate`` equal to the seq reached, also activates (as ``activate``);
+- source ``freeze`` {[dest], [from]}: capturing -> FROZEN, answers the final
+  seq (and the changelog records from ``from``); clients of L get
+  SHARD_MOVING with ``dest``, where L is served once activated;
 - destination ``activate`` {seq}: INCOMING with exactly ``seq`` applied ->
   ACTIVE (the cutover);
 - source ``moved`` {dest}: FROZEN -> MOVED;
@@ -127,7 +130,10 @@ def client_refusal(owner: Owner | None, ks: int, ls: int) -> dict[str, Any] | No
     if owner is not None and owner.state == ACTIVE:
         return None
     if owner is not None and owner.state in (INCOMING, FROZEN):
-        return {"err": "SHARD_MOVING", "ks": ks, "ls": ls}
+        moving: dict[str, Any] = {"err": "SHARD_MOVING", "ks": ks, "ls": ls}
+        if owner.state == FROZEN and owner.dest is not None:
+            moving["dest"] = owner.dest  # where it will be served in a moment
+        return moving
     refusal: dict[str, Any] = {"err": "WRONG_SHARD", "ks": ks, "ls": ls}
     if owner is not None and owner.state == MOVED:
         refusal["dest"] = owner.dest
@@ -261,6 +267,9 @@ def _delta(state: MoveState, step: MoveStep, owner: Owner | None,
             if layout.in_shard(k, step.keyspace_id, step.logical_shard):
                 state.put(k, v)
     seq = owner.seq + len(step.data["records"])
+    if step.data.get("activate") == seq:  # the last records, and the cutover with them
+        state.writes[key] = Owner(ACTIVE, via=step.move_id).encode()
+        return {"seq": seq, "active": True}
     state.writes[key] = replace(owner, seq=seq).encode()
     return {"seq": seq}
 
@@ -311,12 +320,39 @@ def _capture(state: MoveState, step: MoveStep, owner: Owner | None,
 def _freeze(state: MoveState, step: MoveStep, owner: Owner | None,
             key: bytes) -> dict[str, Any]:
     if _mine(owner, step, FROZEN, MOVED):
-        return {"seq": owner.seq}  # type: ignore[union-attr]
+        assert owner is not None
+        return _with_records(state, step, {"seq": owner.seq}, owner.seq)
     if not (_mine(owner, step, ACTIVE) and owner.capturing):  # type: ignore[union-attr]
         return _refused(owner, "freeze needs the move's capture")
     assert owner is not None
-    state.writes[key] = Owner(FROZEN, step.move_id, owner.seq).encode()
-    return {"seq": owner.seq}
+    state.writes[key] = Owner(FROZEN, step.move_id, owner.seq,
+                              dest=step.data.get("dest")).encode()
+    return _with_records(state, step, {"seq": owner.seq}, owner.seq)
+
+
+FREEZE_RECORDS_MAX = 1000
+FREEZE_RECORD_BYTES_MAX = 1 << 19
+
+
+def _with_records(state: MoveState, step: MoveStep, result: dict[str, Any],
+                  seq: int) -> dict[str, Any]:
+    """With ``from`` in the step: the changelog records from there to ``seq``
+    in the answer (``more`` if they did not all fit), so the cutover needs no
+    separate read of them."""
+    start = step.data.get("from")
+    if start is None:
+        return result
+    records: list[Any] = []
+    budget = FREEZE_RECORD_BYTES_MAX
+    for n in range(start, seq + 1):
+        raw = state.get(layout.changelog_key(step.move_id, n))
+        if raw is None or len(records) >= FREEZE_RECORDS_MAX or budget <= 0:
+            result["more"] = True
+            break
+        records.append(cbor2.loads(raw))
+        budget -= len(raw)
+    result["records"], result["from"] = records, start
+    return result
 
 
 def _moved(state: MoveState, step: MoveStep, owner: Owner | None,
@@ -402,8 +438,10 @@ DATA_CHECKS: dict[str, Callable[[dict[str, Any]], bool]] = {
     "ingest": lambda d: (isinstance(d.get("cursor"), bytes) and isinstance(d.get("next"), bytes)
                          and _is_bytes_pairs(d.get("kvs"))),
     "delta": lambda d: (_nat(d.get("from")) and isinstance(d.get("records"), list)
-                        and all(_is_bytes_pairs(r) for r in d["records"])),
-    "freeze": lambda d: True,
+                        and all(_is_bytes_pairs(r) for r in d["records"])
+                        and ("activate" not in d or _nat(d["activate"]))),
+    "freeze": lambda d: (("dest" not in d or _nat(d["dest"]))
+                         and ("from" not in d or (_nat(d["from"]) and d["from"] > 0))),
     "activate": lambda d: _nat(d.get("seq")),
     "moved": lambda d: _nat(d.get("dest")),
     "cleanup": lambda d: _nat(d.get("n")) and d["n"] > 0,

@@ -250,6 +250,28 @@ def test_a_turned_back_move_cannot_capture_again_and_an_activated_copy_says_so()
     assert b.step("delta", records=[], **{"from": 1}) == {"active": True, "i": b.index}
 
 
+def test_the_cutover_in_two_entries_freeze_with_records_and_delta_with_activate() -> None:
+    a, b = source(), Group()
+    b.step("prepare", name=NAME, total=TOTAL)
+    a.step("capture")
+    for i in range(3):
+        a.run(put(CLIENTS[0], i + 1, KEYS[i], b"v%d" % i))
+    ship_changelog(a, b, 1, 1)  # the catch-up shipped record 1
+    frozen = a.step("freeze", dest=B_ID, **{"from": 2})
+    assert frozen["seq"] == 3 and frozen["from"] == 2 and len(frozen["records"]) == 2
+    assert "more" not in frozen
+    assert a.step("freeze", dest=B_ID, **{"from": 2}) == {**frozen, "i": a.index}  # idempotent
+    refused = a.run(put(CLIENTS[0], 9, KEYS[0], b"x"))[0]
+    assert refused["err"] == "SHARD_MOVING" and refused["dest"] == B_ID
+    # Records short of the final seq do not activate.
+    partial = b.step("delta", records=frozen["records"][:1], activate=3, **{"from": 2})
+    assert partial["seq"] == 2 and "active" not in partial and b.owner().state == "INCOMING"
+    done = b.step("delta", records=frozen["records"][1:], activate=3, **{"from": 3})
+    assert done["active"] is True and b.owner().state == "ACTIVE"
+    assert b.run(put(CLIENTS[0], 10, KEYS[0], b"at-b"))[0]["r"] == [None]
+    assert b.step("activate", seq=3)["active"] is True
+
+
 # -- whole moves ---------------------------------------------------------------------------
 
 actions = st.lists(st.one_of(

@@ -27,7 +27,7 @@ from raftkv import config as configmod
 from raftkv.config import ClusterConfig, KeyspaceDefaults, ManagerConfig, NodeConfig
 from raftkv.errors import NotLeader, RaftKVError, Unavailable, error_from_wire
 from raftkv.faults import FAULTS_NAME, FaultSpec
-from raftkv.protocol.framing import FrameDecoder, encode_frame
+from raftkv.protocol.framing import FrameDecoder, FrameTooLarge, encode_frame
 from raftkv.replication.replica import RaftSettings
 
 DEFAULT_DIR = Path(os.environ.get("RAFTKV_HOME", Path.home() / ".raftkv")) / "local"
@@ -101,9 +101,16 @@ def request(address: str, msg: dict[str, Any], timeout_s: float = 1.0) -> Any:
             data = sock.recv(65536)
             if not data:
                 raise ConnectionError(f"{address} closed the connection")
-            decoder.feed(data)
-            for body in decoder.frames():
-                reply = cbor2.loads(body)
+            try:
+                decoder.feed(data)
+                bodies = list(decoder.frames())
+                replies = [cbor2.loads(body) for body in bodies]
+            except (FrameTooLarge, ValueError) as exc:  # cbor's errors are ValueErrors
+                raise ConnectionError(f"{address} does not answer in raftkv's protocol: "
+                                      f"{exc}") from exc
+            for reply in replies:
+                if not isinstance(reply, dict):
+                    raise ConnectionError(f"{address} sent a reply that is not a map")
                 if "ok" not in reply:
                     raise error_from_wire(reply.get("err"))
                 return reply["ok"]

@@ -164,7 +164,8 @@ class ManagerServer:
         peers = [m.raft_address for m in self.cluster.managers if m.id != self.me.id]
         self.replica = Replica(0, self.data_dir / "manager", self.me.raft_address, peers,
                                self.secret, settings=self.cluster.raft, apply_fn=self._apply,
-                               link=self.links.delay_s)
+                               link=self.links.delay_s,
+                               client_address_of=self._client_of_raft.get)
 
     def close(self) -> None:
         if self.replica is not None:

@@ -468,6 +468,16 @@ class AsyncClient:
         await self.shard_map(refresh=True)
         return False
 
+    async def _current_route(self, ls: int) -> Route:
+        smap = await self.shard_map()
+        moved_to = self._moved.get(ls)
+        if moved_to is not None and not smap.replicas(moved_to):
+            # A group newer than this client's map: ask the manager's leader.
+            smap = await self.shard_map(refresh=True, fresh=True)
+            if not smap.replicas(moved_to):
+                self._moved.pop(ls, None)  # not even the leader knows it: drop the hint
+        return self._route(smap, ls)
+
     def _route(self, smap: ShardMap, ls: int) -> Route:
         """The map's route for logical shard ``ls``, unless a group said it moved
         to a shard the map does not show yet."""
@@ -503,10 +513,10 @@ class AsyncClient:
         last: RaftKVError | None = None
         backoff_s = 0.01
         while True:
-            route = self._route(await self.shard_map(), ls)
+            route = await self._current_route(ls)
             msg["shard"] = route.shard
-            address = self._pick(route, leader_only)
             try:
+                address = self._pick(route, leader_only)
                 if seq is not None:
                     msg["ack"] = self._ack()
                 result = await self._pool.request(address, msg, self.request_timeout_s)

@@ -503,6 +503,7 @@ class Replica:
         apply_fn: ApplyFn = apply_entry,
         link: Callable[[str], float | None] | None = None,
         hub: RaftHub | None = None,
+        client_address_of: Callable[[str], str | None] | None = None,
     ) -> None:
         """``hub``: the process's Raft transport, shared by all its replicas;
         without one the replica gets its own, listening on ``self_address``
@@ -514,6 +515,7 @@ class Replica:
         held message is released), so it must be cheap, must not block and must
         not raise; see ``_HubTransport``."""
         self.shard_id = shard_id
+        self._client_address_of = client_address_of
         self._apply_fn = apply_fn
         self.directory = Path(directory)
         self.self_address = self_address
@@ -598,6 +600,15 @@ class Replica:
 
     # -- submitting --------------------------------------------------------------
 
+    def leader_hint(self) -> str | None:
+        """The leader's client address, for a NOT_LEADER answer; None when
+        unknown. (Its Raft address is no use to a client: that port speaks
+        the Raft hub's protocol.)"""
+        leader = self.leader_address
+        if leader is None or self._client_address_of is None:
+            return None
+        return self._client_address_of(leader)
+
     def submit(self, payload: bytes, on_done: OnDone) -> None:
         """Propose ``payload`` (encoded commands). ``on_done(results, error)`` is
         called exactly once, on the Raft thread or, for an immediate refusal,
@@ -608,7 +619,7 @@ class Replica:
                 if reason == FAIL_REASON.SUCCESS:
                     on_done(result, None)
                 else:
-                    on_done(None, error_for_fail_reason(reason, self.leader_address))
+                    on_done(None, error_for_fail_reason(reason, self.leader_hint()))
             except BaseException:
                 log.exception("shard %d: result callback failed", self.shard_id)
 

@@ -172,7 +172,8 @@ class NodeServer:
         shard_id = int(descriptor["shard"])
         return Replica(shard_id, self._replica_dir(shard_id), descriptor["raft_address"],
                        list(descriptor["peers"]), self.secret, settings=self.cluster.raft,
-                       link=self.links.delay_s, hub=self._open_hub())
+                       link=self.links.delay_s, hub=self._open_hub(),
+                       client_address_of=self._client_address_of)
 
     def _open_hub(self) -> RaftHub:
         """The node's one Raft transport, for all its replicas (opened with the first)."""
@@ -366,14 +367,11 @@ class NodeServer:
         replica = self._replica(shard_id)
         if not replica.is_leader:
             raise NotLeader(f"node {self.node.id} is not the leader of shard {shard_id}",
-                            leader=self._leader_hint(shard_id, replica))
+                            leader=replica.leader_hint())
         return replica, self.proposers[shard_id]
 
-    def _leader_hint(self, shard_id: int, replica: Replica) -> str | None:
-        leader = replica.leader_address
-        if leader is None:
-            return None
-        owner = self.cluster.process_of_raft_address(leader)
+    def _client_address_of(self, raft_address: str) -> str | None:
+        owner = self.cluster.process_of_raft_address(raft_address)
         if owner is None:
             return None
         try:
@@ -577,7 +575,7 @@ class NodeServer:
                 "raft_address": replica.self_address,
                 "leader_raft_address": leader,
                 "leader_node": None if leader_owner is None else leader_owner[0],
-                "leader_client_address": self._leader_hint(shard_id, replica),
+                "leader_client_address": replica.leader_hint(),
                 "term": replica.term,
                 "commit_index": replica.commit_index,
                 "applied_index": replica.last_applied,

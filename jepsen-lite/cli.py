@@ -37,6 +37,10 @@ _EXIT: Final = {
     Verdict.UNKNOWN: EXIT_UNKNOWN,
 }
 _STATE_CHARS_MAX: Final = 72
+# Logical shards of the cluster ``run`` starts: as ``raftkv up``, or fewer with
+# the reshard nemesis (a reshard then moves tens of logical shards, not hundreds).
+LOGICAL_SHARDS_DEFAULT: Final = 256
+LOGICAL_SHARDS_RESHARD: Final = 32
 
 
 class _InputUsageError(click.UsageError):
@@ -239,7 +243,7 @@ def _state(model: Model, state: Any) -> str:
 @click.option("--workload", type=click.Choice(["register", "set"]), default="register",
               show_default=True)
 @click.option("--nemesis", "nemesis_text", default="kill,partition", show_default=True,
-              help="Comma-separated: kill, pause, partition, manager; or none.")
+              help="Comma-separated: kill, pause, partition, manager, reshard; or none.")
 @click.option("--time-limit", "time_limit_s", type=click.FloatRange(min=1), default=30.0,
               show_default=True, help="Seconds of load with faults.")
 @click.option("--concurrency", type=click.IntRange(1, 256), default=8, show_default=True)
@@ -254,16 +258,26 @@ def _state(model: Model, state: Any) -> str:
               help="raftkv reads; eventual is deliberately not linearizable.")
 @click.option("--check-timeout-s", type=click.FloatRange(min=1), default=120.0,
               show_default=True)
+@click.option("--logical-shards", type=click.IntRange(1, 65536), default=None,
+              help="Logical shards of keyspace default in the cluster the run starts "
+              f"(default {LOGICAL_SHARDS_DEFAULT}, or {LOGICAL_SHARDS_RESHARD} with the reshard "
+              "nemesis, so that a reshard moves few enough to end within seconds).")
+@click.option("--reshard-shards", "reshard_shards_text", default=None, metavar="A,B",
+              help="The reshard nemesis alternates between A and B physical shards "
+              "(default: the count at the start and twice that).")
+@click.option("--reshard-workers", type=click.IntRange(1, 16), default=2, show_default=True,
+              help="Resharding worker processes the run starts (reshard nemesis).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               required=True, help="Where history.jsonl, result.json and the plots go.")
 def run_command(
         target: str, workload: str, nemesis_text: str, time_limit_s: float, concurrency: int,
         seed: int, rate_per_s: float, cluster_dir: Path | None, read_consistency: str,
-        check_timeout_s: float, out_dir: Path) -> None:
+        check_timeout_s: float, logical_shards: int | None, reshard_shards_text: str | None,
+        reshard_workers: int, out_dir: Path) -> None:
     """Run a workload with faults against a target, check it, write a report.
 
-    Exit code: the checker's (0 linearizable, 1 not, 2 unknown); 3 when the
-    run could not be set up."""
+    Exit code: the checker's (0 linearizable, 1 not, 2 unknown, also when the
+    run failed before a verdict); 3 when the run could not be set up."""
     from jepsen_lite import runner
     from jepsen_lite.nemesis import parse_nemeses
 
@@ -271,21 +285,39 @@ def run_command(
         nemeses = parse_nemeses(nemesis_text)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--nemesis") from exc
+    if logical_shards is not None and logical_shards & (logical_shards - 1):
+        raise click.BadParameter("must be a power of two", param_hint="--logical-shards")
+    reshard_shards = _shard_pair(reshard_shards_text)
+    if target == "etcd" and (workload != "register" or read_consistency != "strong"):
+        raise click.BadParameter("etcd runs the register workload with strong reads",
+                                 param_hint="--target")
     config = runner.RunConfig(workload=workload, nemeses=tuple(nemeses),
                               time_limit_s=time_limit_s, concurrency=concurrency, seed=seed,
                               rate_per_s=rate_per_s, check_timeout_s=check_timeout_s)
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
         if target == "etcd":
-            if workload != "register" or read_consistency != "strong":
-                raise click.BadParameter("etcd runs the register workload with strong reads",
-                                         param_hint="--target")
             result = _run_etcd(config, out_dir)
         else:
-            result = _run_raftkv(config, out_dir, cluster_dir, read_consistency)
+            reshard = None
+            if "reshard" in nemeses:
+                from jepsen_lite.raftkv_target import ReshardOptions
+
+                reshard = ReshardOptions(shard_counts=reshard_shards, workers=reshard_workers)
+            if logical_shards is None:
+                logical_shards = LOGICAL_SHARDS_RESHARD if reshard else LOGICAL_SHARDS_DEFAULT
+            result = _run_raftkv(config, out_dir, cluster_dir, read_consistency,
+                                 logical_shards=logical_shards, reshard=reshard)
     except _SetupError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_INPUT_ERROR)
+    except Exception:  # a harness failure says nothing of the system: not exit 1
+        import traceback
+
+        traceback.print_exc()
+        click.echo(f"error: the run failed before a verdict (unknown, never a pass); the "
+                   f"history so far is in {out_dir / 'history.jsonl'}", err=True)
+        sys.exit(EXIT_UNKNOWN)
     ops = result.get("outcomes", {})
     click.echo(f"{result['verdict'].upper()}  {result['target']} {workload}, "
                f"nemesis {','.join(nemeses) or 'none'}, {time_limit_s:g} s: "
@@ -293,6 +325,12 @@ def run_command(
                f"{len(result.get('faults', []))} faults")
     for line in result.get("check", {}).get("report", []):
         click.echo(line)
+    reshards = result.get("reshards")
+    if reshards:
+        click.echo(f"reshards: {reshards['count']} requested, {reshards['completed']} completed "
+                   "(" + ", ".join(f"{r['from']}->{r['to']} {r['state']}"
+                                   + (f" {r['duration_s']:.1f} s" if "duration_s" in r else "")
+                                   for r in reshards["each"]) + ")")
     click.echo(f"report in {out_dir}")
     sys.exit(runner.EXIT_CODES[result["verdict"]])
 
@@ -301,8 +339,24 @@ class _SetupError(Exception):
     """The system under test could not be started (or found)."""
 
 
+def _shard_pair(text: str | None) -> tuple[int, int] | None:
+    """``--reshard-shards 2,4`` -> (2, 4)."""
+    if text is None:
+        return None
+    try:
+        first, second = (int(part) for part in text.split(","))
+    except ValueError:
+        raise click.BadParameter("give two physical shard counts, e.g. 2,4",
+                                 param_hint="--reshard-shards") from None
+    if first < 1 or second < 1 or first == second:
+        raise click.BadParameter("two different counts of at least 1",
+                                 param_hint="--reshard-shards")
+    return first, second
+
+
 def _run_raftkv(config: Any, out_dir: Path, cluster_dir: Path | None,
-                read_consistency: str) -> dict[str, Any]:
+                read_consistency: str, *, logical_shards: int,
+                reshard: Any) -> dict[str, Any]:
     from jepsen_lite import runner
     from jepsen_lite.raftkv_target import RaftkvTarget
     from raftkv.localcluster import ClusterError, LocalCluster
@@ -315,7 +369,7 @@ def _run_raftkv(config: Any, out_dir: Path, cluster_dir: Path | None,
                 import shutil
 
                 shutil.rmtree(directory)
-            cluster = LocalCluster.create(directory)
+            cluster = LocalCluster.create(directory, logical_shards=logical_shards)
             cluster.start()
         else:
             assert cluster_dir is not None
@@ -323,11 +377,17 @@ def _run_raftkv(config: Any, out_dir: Path, cluster_dir: Path | None,
             cluster.wait_ready(timeout_s=30)
     except (ClusterError, OSError, ValueError) as exc:
         raise _SetupError(f"raftkv cluster: {exc}") from exc
+    target = RaftkvTarget(cluster, read_consistency=read_consistency, reshard=reshard)
     try:
-        target = RaftkvTarget(cluster, read_consistency=read_consistency)
+        try:
+            target.start()  # the resharding workers, with the reshard nemesis
+        except (ClusterError, OSError, ValueError) as exc:
+            raise _SetupError(f"raftkv resharding: {exc}") from exc
         return runner.run(target, config, out_dir, {
-            "read_consistency": read_consistency, "cluster": str(cluster.directory)})
+            "read_consistency": read_consistency, "cluster": str(cluster.directory),
+            **({"logical_shards": logical_shards} if owned else {})})
     finally:
+        target.close()
         if owned:
             cluster.stop()
 
@@ -335,6 +395,9 @@ def _run_raftkv(config: Any, out_dir: Path, cluster_dir: Path | None,
 def _run_etcd(config: Any, out_dir: Path) -> dict[str, Any]:
     from jepsen_lite import etcd, runner
 
+    if "reshard" in config.nemeses:
+        raise _SetupError("the reshard nemesis needs --target raftkv: etcd has no shards to "
+                          "split or merge")
     try:
         binary = etcd.ensure_etcd()
     except etcd.EtcdUnavailable as exc:

@@ -543,6 +543,9 @@ class EtcdTarget:
             raise FaultError(f"etcd: cannot heal {kind} on {target}: {exc}") from exc
         raise FaultError(f"etcd: unknown fault kind {kind!r}; known: kill, pause")
 
+    def summary(self) -> dict[str, Any]:
+        return {}
+
 
 class _RequestFailed(Exception):
     """A request that did not return a result: ``definite`` when it cannot

@@ -7,7 +7,8 @@ Phases, all recorded in one history (``history.jsonl``):
    while the nemesis injects and heals faults on its schedule. A process whose
    operation ends ``info`` (outcome unknown) never runs another one: the loop
    continues as a new process (number + concurrency), as Jepsen does;
-2. **heal**: every fault still active is healed;
+2. **heal**: every fault still active is healed, and the background faults
+   in flight (a reshard) are waited for (the target bounds the wait);
 3. **quiet**: ``quiet_s`` with no load, so the system recovers;
 4. **final reads**: a read of every register key (register workload) or of
    the whole set (set workload), retried until one succeeds;
@@ -196,12 +197,16 @@ def check_events(events: list[Event], workload: str, timeout_s: float) -> CheckO
     return CheckOutcome(wgl.verdict.value, details)
 
 
-def write_outputs(out_dir: Path, recorder: Recorder, outcome: CheckOutcome,
-                  header: dict[str, Any], faults_done: list[dict[str, Any]]) -> dict[str, Any]:
-    """history.jsonl, result.json and the plots; returns the result."""
+def _write_history(out_dir: Path, recorder: Recorder) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "history.jsonl").write_text(
         "".join(line + "\n" for line in format_jsonl(recorder.events)))
+
+
+def write_outputs(out_dir: Path, recorder: Recorder, outcome: CheckOutcome,
+                  header: dict[str, Any], faults_done: list[dict[str, Any]]) -> dict[str, Any]:
+    """history.jsonl, result.json and the plots; returns the result."""
+    _write_history(out_dir, recorder)
     result: dict[str, Any] = {"verdict": outcome.verdict, **header,
                               **summarize(recorder.events),
                               "faults": faults_done, "check": outcome.details}
@@ -223,9 +228,13 @@ def run(target: Target, config: RunConfig, out_dir: Path,
     recorder = Recorder()
     faults_done: list[dict[str, Any]] = []
     started = time.monotonic()
-    trio.run(execute, target, config, recorder, faults_done)
+    try:
+        trio.run(execute, target, config, recorder, faults_done)
+    except BaseException:
+        _write_history(out_dir, recorder)  # what was recorded, for the post-mortem
+        raise
     ran_s = time.monotonic() - started
     outcome = check_events(recorder.events, config.workload, config.check_timeout_s)
     header = {"target": target.name, **asdict(config), "run_s": round(ran_s, 2),
-              **(extra or {})}
+              **(extra or {}), **target.summary()}
     return write_outputs(out_dir, recorder, outcome, header, faults_done)

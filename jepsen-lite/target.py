@@ -74,7 +74,14 @@ class Target(Protocol):
         ...
 
     def heal(self, kind: str, target: str) -> str:
-        """End a fault started by ``inject`` (restart, resume, heal)."""
+        """End a fault started by ``inject`` (restart, resume, heal). For a
+        background kind (``nemesis.BACKGROUND``: nothing to undo), wait, for a
+        bounded time, until the work ``inject`` started has ended."""
+        ...
+
+    def summary(self) -> dict[str, Any]:
+        """What only the target knows about the run, added to ``result.json``
+        (e.g. raftkv's ``reshards``); called after the run."""
         ...
 
 

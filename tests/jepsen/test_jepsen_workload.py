@@ -100,3 +100,52 @@ def test_the_schedule_never_overlaps_and_ends_in_time(seed: int, limit: float,
         assert faults  # a run of 8 s or more gets at least one fault
     if len(faults) >= len(usable):
         assert {f.kind for f in faults} == usable  # every kind in turn
+
+
+# What RaftkvTarget.nemesis_targets gives for a cluster of 3 nodes in 3 DCs
+# whose keyspace starts on 1 physical shard.
+RESHARD_TARGETS = {"kill": ["n1", "n2", "n3"],
+                   "partition": ["node:n1", "node:n2", "node:n3", "dc:dc1", "dc:dc2", "dc:dc3"],
+                   "reshard": ["shards:2", "shards:1"]}
+
+
+@given(seed=st.integers(0, 10_000), limit=st.floats(1, 120),
+       kinds=st.lists(st.sampled_from(["reshard", "kill", "partition"]), unique=True,
+                      min_size=1))
+def test_a_reshard_is_an_instant_that_alternates_and_the_next_fault_follows_it_closely(
+        seed: int, limit: float, kinds: list[str]) -> None:
+    faults = schedule(kinds, RESHARD_TARGETS, limit, random.Random(seed))
+    reshards = [f for f in faults if f.kind == "reshard"]
+    for fault in reshards:
+        assert 0 < fault.start_s == fault.end_s <= limit
+    # away from the count at the start, back, away again...
+    assert [f.target for f in reshards] == [("shards:2", "shards:1")[i % 2]
+                                            for i in range(len(reshards))]
+    for before, after in itertools.pairwise(faults):
+        if before.kind == "reshard":  # the next fault lands while the moves are in flight
+            assert 0.2 <= after.start_s - before.end_s <= 1.0
+        else:
+            assert before.end_s < after.start_s
+    for fault in faults:
+        if fault.kind != "reshard":
+            assert 0 < fault.start_s < fault.end_s <= limit
+            assert fault.target in RESHARD_TARGETS[fault.kind]
+    if len(faults) >= len(kinds):
+        assert {f.kind for f in faults} == set(kinds)
+
+
+def test_the_ci_runs_schedule_has_three_reshards_each_followed_by_a_kill() -> None:
+    """The schedule test_jepsen_reshard.py's CI run gets (seed 4: the runner
+    draws with seed + 1): kills land while moves are in flight."""
+    faults = schedule(["reshard", "kill", "partition"], RESHARD_TARGETS, 25, random.Random(5))
+    kinds = [f.kind for f in faults]
+    assert kinds.count("reshard") == 3 and kinds.count("kill") >= 2
+    for i, fault in enumerate(faults[:-1]):
+        if fault.kind == "reshard":
+            assert faults[i + 1].kind == "kill"
+            assert faults[i + 1].start_s - fault.start_s < 1.0
+
+
+def test_reshard_is_a_nemesis_name() -> None:
+    assert "reshard" in NEMESES
+    assert parse_nemeses("reshard,kill,partition") == ["reshard", "kill", "partition"]

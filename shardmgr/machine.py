@@ -53,26 +53,44 @@ def load_state(raw: bytes | None) -> ClusterState:
 
 
 def manager_apply(view: StateView, index: int, payload: bytes) -> ApplyOutput:
+    return manager_apply_state(view, index, payload)[0]
+
+
+def manager_apply_state(view: StateView, index: int,
+                        payload: bytes) -> tuple[ApplyOutput, ClusterState | None]:
+    """``manager_apply``, and the state it stored (None if none): the caller
+    need not decode what was just decoded."""
     out = ApplyOutput()
     out.writes[layout.APPLIED_KEY] = layout.encode_index(index)
+    stored: ClusterState | None = None
     try:
         commands = _decode(payload)
         results: list[Any] = []
-        version = load_state(view.get(STATE_KEY)).version
+        version = _stored_version(view.get(STATE_KEY))
         for command in commands:
             if isinstance(command, Barrier):
                 results.append({"i": index})
             elif command.expected_version == version and command.state.version > version:
+                # Re-encoded, not stored as proposed: to_json checks the state is
+                # well-typed (a state that cannot be encoded would wedge the manager).
                 out.writes[STATE_KEY] = cbor2.dumps(command.state.to_json())
-                version = command.state.version
+                version, stored = command.state.version, command.state
                 results.append({"i": index, "ok": True, "version": version})
             else:
                 results.append({"i": index, "ok": False, "version": version})
     except Exception as exc:  # a malformed entry (or state) changes nothing but the index
         return ApplyOutput(writes={layout.APPLIED_KEY: layout.encode_index(index)},
-                           error=f"malformed manager entry at index {index}: {exc!r}")
+                           error=f"malformed manager entry at index {index}: {exc!r}"), None
     out.results = results
-    return out
+    return out, stored
+
+
+def _stored_version(raw: bytes | None) -> int:
+    if raw is None:
+        return 0
+    version = cbor2.loads(raw)["version"]
+    assert isinstance(version, int)
+    return version
 
 
 def _decode(payload: bytes) -> list[ManagerCommand]:

@@ -66,7 +66,13 @@ from raftkv.server.rpc import RpcServer
 from raftkv.statemachine.apply import ApplyOutput, StateView
 from shardmgr import reshard as rs
 from shardmgr import state as st
-from shardmgr.machine import STATE_KEY, SetState, encode_manager_commands, load_state, manager_apply
+from shardmgr.machine import (
+    STATE_KEY,
+    SetState,
+    encode_manager_commands,
+    load_state,
+    manager_apply_state,
+)
 from shardmgr.placement import (
     DataCenterId,
     Node,
@@ -191,17 +197,18 @@ class ManagerServer:
     def _apply(self, view: StateView, index: int, payload: bytes) -> ApplyOutput:
         """The state machine, plus a note to the trio side when the state
         changed (so map watchers wake at once, without polling)."""
-        out = manager_apply(view, index, payload)
+        out, state = manager_apply_state(view, index, payload)
         raw = out.writes.get(STATE_KEY)
         token = self._token
         if raw is not None and token is not None:
-            token.run_sync_soon(self._install_state, raw)
+            token.run_sync_soon(self._install_state, raw, state)
         return out
 
-    def _install_state(self, raw: bytes | None) -> None:
+    def _install_state(self, raw: bytes | None, state: st.ClusterState | None = None) -> None:
         if raw == self._state_raw:
             return
-        state = load_state(raw)
+        if state is None:
+            state = load_state(raw)
         if state.version < self.state.version:
             return  # a late note about an older state
         self._state_raw, self.state = raw, state
@@ -299,7 +306,10 @@ class ManagerServer:
         assert self.replica is not None
         term = self.replica.term
         if self._synced_term == term and self.replica.is_leader:
-            return load_state(self.replica.store.get(STATE_KEY))
+            raw = self.replica.store.get(STATE_KEY)
+            # The state applied last is installed before its proposer's answer
+            # wakes this task: usually no decoding is needed.
+            return self.state if raw == self._state_raw else load_state(raw)
         state = await self.committed_state()
         self._synced_term = term
         return state

@@ -22,6 +22,7 @@ import os
 import signal
 import socket
 import time
+from dataclasses import replace
 from typing import Any
 
 import trio
@@ -42,9 +43,9 @@ IDLE_POLL_S = 0.3
 GROUP_TIMEOUT_S = 30.0  # a step waits out leader elections up to this long
 # The worker reports to the manager (a state change there) only before these
 # phases, or when PROGRESS_EVERY_S has passed: before the freeze (where an abort
-# is still cheap), after the cutover (the map changes), at the end. Never
-# inside the cutover, which stays as short as the groups' own steps.
-_REPORT_BEFORE = ("freeze", "publish", "done", "aborted")
+# is still cheap) and at the end (the map changes with it). Never inside the
+# cutover, which stays as short as the groups' own steps.
+_REPORT_BEFORE = ("freeze", "done", "aborted")
 _CUTOVER = ("ship", "activate", "moved")
 
 
@@ -118,21 +119,24 @@ class Worker:
             if result.get("active") and move.phase in ("ship", "activate") \
                     and activated_at is None:
                 activated_at = time.monotonic()
+                if frozen_at is not None:
+                    # Freeze to activation: the frozen source sends clients to the
+                    # destination, which serves them from its activation on.
+                    self._stats["unavailable_ms"] = round((activated_at - frozen_at) * 1000, 3)
             pending.append([move.phase, {k: v for k, v in result.items() if k != "records"}])
             try:
                 after: Move | None = advance(move, result)
             except MoveError:
                 after = None  # reported: the manager marks the move stuck
+            if after is not None and after.phase == "publish":
+                # The manager publishes when it hears of the moved step: that is
+                # in the next report (the frozen source redirects clients meanwhile).
+                after = replace(after, phase="cleanup")
             if after is not None and after.phase not in _REPORT_BEFORE and (
                     after.phase in _CUTOVER
                     or time.monotonic() - self._last_report < PROGRESS_EVERY_S):
                 move = after  # idempotent steps: a successor would redo them
                 continue
-            if after is not None and after.phase == "publish" and frozen_at is not None \
-                    and activated_at is not None:
-                # Freeze to activation: the frozen source sends clients to the
-                # destination, which serves them from its activation on.
-                self._stats["unavailable_ms"] = round((activated_at - frozen_at) * 1000, 3)
             move = await self._report(move.id, pending)
             pending = []
         self._shipped.pop(move.id, None)

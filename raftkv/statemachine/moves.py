@@ -223,7 +223,8 @@ def _tombstone(state: MoveState, step: MoveStep, owner: Owner) -> bool:
     MOVED (the logical shard left, and comes back now) or ABORTED (a copy in
     that was given up), with none of the logical shard's keys left here (the
     earlier move's cleanup or purge finished)."""
-    if owner.state not in (MOVED, ABORTED) or owner.move == step.move_id:
+    if owner.state not in (MOVED, ABORTED) or owner.move is None \
+            or step.move_id <= owner.move:  # a late prepare of an older move
         return False
     return not any(state.scan(start, stop, 1)
                    for start, stop in layout.shard_ranges(step.keyspace_id, step.logical_shard))
@@ -310,7 +311,7 @@ def _capture(state: MoveState, step: MoveStep, owner: Owner | None,
         return {"seq": owner.seq}  # type: ignore[union-attr]
     if owner is None or owner.state != ACTIVE or owner.capturing:
         return _refused(owner, "capture needs an ACTIVE record with no move")
-    if step.move_id <= owner.ended:
+    if step.move_id <= max(owner.ended, owner.via or 0):  # move ids only grow
         return _refused(owner, f"move {step.move_id} was turned back here; it cannot capture")
     state.writes[key] = Owner(ACTIVE, step.move_id, 0, capturing=True, via=owner.via,
                               ended=owner.ended).encode()

@@ -25,7 +25,7 @@ forward instead (``moved``): nothing is lost either way.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 FORWARD = ("prepare", "capture", "copy", "catchup", "freeze", "ship", "activate", "moved",
@@ -38,7 +38,7 @@ ABORTABLE = FORWARD[:FORWARD.index("activate") + 1]
 DELETE_CHUNK = 2000
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Move:
     """Logical shard ``ls`` of keyspace ``keyspace`` (id ``ks_id``, ``total``
     logical shards) from physical shard ``src`` to ``dst``."""
@@ -71,11 +71,21 @@ class Move:
     until an operator aborts the reshard."""
 
     def to_json(self) -> dict[str, Any]:
-        return {k: v for k, v in vars(self).items()}
+        """Fields that differ from their defaults: a reshard keeps every move
+        in the manager's state, which is written whole on each change."""
+        out = {}
+        for name, default in _MOVE_FIELDS:
+            value = getattr(self, name)
+            if value is not default and value != default:
+                out[name] = value
+        return out
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Move:
         return cls(**data)
+
+
+_MOVE_FIELDS = [(f.name, f.default) for f in fields(Move)]  # MISSING: always written
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,7 @@ from shardmgr.machine import (
     load_state,
     manager_apply_state,
 )
+from shardmgr.moves import FINAL
 from shardmgr.placement import (
     DataCenterId,
     Node,
@@ -461,9 +462,7 @@ class ManagerServer:
 
     async def _move_claim(self, fields: dict[str, Any]) -> Any:
         worker = _str(fields, "worker")
-        per_node_max = _int(fields, "per_node_max", rs.PER_NODE_MAX_DEFAULT)
-        if per_node_max < 1:
-            raise BadRequest("field 'per_node_max' must be at least 1")
+        per_node_max = self._per_node_max(fields)
         self._require_leader()
         if not any(rs.running(self.state, k) for k in self.state.keyspaces):
             return None  # the applied state says there is nothing: no log entry needed
@@ -475,15 +474,18 @@ class ManagerServer:
             return new
 
         new = await self.change(claim)
-        move = claimed[0] if claimed else None
-        if move is None:
-            return None
-        return {"move": move.to_json(), "lease_s": rs.LEASE_S,
-                "shards": {str(i): [new.nodes[r.node].client_address
-                                    for r in new.shards[i].replicas]
-                           for i in (move.src, move.dst) if i in new.shards}}
+        return _claim_json(new, claimed[0] if claimed else None)
+
+    @staticmethod
+    def _per_node_max(fields: dict[str, Any]) -> int:
+        per_node_max = _int(fields, "per_node_max", rs.PER_NODE_MAX_DEFAULT)
+        if per_node_max < 1:
+            raise BadRequest("field 'per_node_max' must be at least 1")
+        return per_node_max
 
     async def _move_update(self, fields: dict[str, Any]) -> Any:
+        """With ``claim_next``, a move that ends is followed by a claim of the
+        next in the same state change: {"move", "next"}."""
         worker, move_id = _str(fields, "worker"), _int(fields, "move")
         steps, stats = fields.get("steps", []), fields.get("stats", {})
         if not isinstance(steps, list) or not all(
@@ -491,9 +493,25 @@ class ManagerServer:
             raise BadRequest("field 'steps' must be a list of [phase, result]")
         if not isinstance(stats, dict):
             raise BadRequest("field 'stats' must be a map")
-        new = await self.change(lambda s: rs.update(
-            s, worker, move_id, [(p, r) for p, r in steps], stats, now=time.time()))
-        return new.moves[move_id].to_json()
+        claim_next = bool(fields.get("claim_next"))
+        per_node_max = self._per_node_max(fields)
+        claimed: list[Any] = []
+
+        def update(s: st.ClusterState) -> st.ClusterState:
+            now = time.time()
+            new = rs.update(s, worker, move_id, [(p, r) for p, r in steps], stats, now=now)
+            claimed.clear()
+            move = new.moves[move_id]
+            if claim_next and (move.phase in FINAL or move.stuck is not None):
+                new, following = rs.claim(new, worker, now=now, per_node_max=per_node_max)
+                claimed.append(following)
+            return new
+
+        new = await self.change(update)
+        if not claim_next:
+            return new.moves[move_id].to_json()
+        return {"move": new.moves[move_id].to_json(),
+                "next": _claim_json(new, claimed[0] if claimed else None)}
 
     async def _fault(self, fields: dict[str, Any]) -> Any:
         spec = fields.get("spec")
@@ -620,6 +638,16 @@ class ManagerServer:
                 log.info("shard %d: leadership %s -> %s", shard.id, current, target.leader)
             except RaftKVError as exc:
                 log.info("shard %d: transfer request failed: %s", shard.id, exc)
+
+
+def _claim_json(state: st.ClusterState, move: Any) -> dict[str, Any] | None:
+    """A claimed move for its worker, with the client addresses of its groups."""
+    if move is None:
+        return None
+    return {"move": move.to_json(), "lease_s": rs.LEASE_S,
+            "shards": {str(i): [state.nodes[r.node].client_address
+                                for r in state.shards[i].replicas]
+                       for i in (move.src, move.dst) if i in state.shards}}
 
 
 def _pending_work(state: st.ClusterState) -> bool:

@@ -34,7 +34,7 @@ from shardmgr.moves import FINAL, Move, MoveError, action, advance
 
 log = logging.getLogger(__name__)
 
-PAGE_KEYS = 500
+PAGE_KEYS = 100
 SHIP_RECORDS = 500
 CATCHUP_LAG_RECORDS = 20  # freeze once a round of catch-up ships fewer than this
 CATCHUP_ROUNDS_MAX = 50
@@ -62,14 +62,17 @@ class Worker:
         self.per_node_max = per_node_max
         self.moves_done = 0
         self._shipped: dict[int, int] = {}
+        self._next: dict[str, Any] | None = None  # claimed with the last move's last report
 
     async def run(self, *, exit_when_idle: bool = False) -> None:
         """Claim and drive moves until cancelled (or, with ``exit_when_idle``,
         until the manager has none to give)."""
         while True:
             try:
-                claim = await self.kv.manager({"op": "move_claim", "worker": self.id,
-                                               "per_node_max": self.per_node_max})
+                claim, self._next = self._next, None
+                if claim is None:
+                    claim = await self.kv.manager({"op": "move_claim", "worker": self.id,
+                                                   "per_node_max": self.per_node_max})
             except RaftKVError as exc:
                 log.warning("claim failed: %s", exc)
                 await trio.sleep(1.0)
@@ -147,11 +150,14 @@ class Worker:
         stats, self._stats = self._stats, {}
         self._last_report = time.monotonic()
         try:
+            # A move that ends claims the next in the same change of the manager's state.
             raw = await self.kv.manager({"op": "move_update", "worker": self.id, "move": move_id,
-                                         "steps": steps, "stats": stats})
+                                         "steps": steps, "stats": stats, "claim_next": True,
+                                         "per_node_max": self.per_node_max})
         except BadRequest as exc:
             raise MoveDropped(f"move {move_id} dropped: {exc.message}") from exc
-        return Move.from_json(raw)
+        self._next = raw["next"]
+        return Move.from_json(raw["move"])
 
     async def _progress(self, move: Move) -> None:
         """Renew the lease during a long phase (and report figures so far)."""

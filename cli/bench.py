@@ -60,7 +60,7 @@ async def _measure(addresses: list[str], counts: list[int], duration_s: float,
     return results
 
 
-def _wait_balanced(cluster: LocalCluster, timeout_s: float = 20.0) -> dict[str, int]:
+def wait_balanced(cluster: LocalCluster, timeout_s: float = 20.0) -> dict[str, int]:
     """Wait until no node leads more than its share of shards (rounded up)."""
     deadline = time.monotonic() + timeout_s
     while True:
@@ -85,7 +85,7 @@ def run_bench(cluster_dir: Path, counts: list[int], duration_s: float, value_byt
         cluster = LocalCluster.create(directory, physical_shards=shards)
         try:
             cluster.start()
-            leaders = _wait_balanced(cluster)
+            leaders = wait_balanced(cluster)
             click.echo(f"raftkv bench: 3 nodes (dc1..dc3), {shards} physical shard(s), "
                        f"leaders per node {leaders}, {value_bytes}-byte values, "
                        f"{duration_s} s per point")

@@ -27,6 +27,7 @@ from raftkv_cli.common import (
     with_client,
 )
 from raftkv_cli.reshard import register as register_reshard
+from shardmgr.reshard import PER_NODE_MAX_DEFAULT
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -226,7 +227,7 @@ def demo(cluster_dir: Path | None, keys: int, clients: int, keep: bool) -> None:
     sys.exit(code)
 
 
-@cli.command()
+@cli.group(invoke_without_command=True)
 @cluster_dir_option
 @click.option("--clients", "client_counts", default="1,16,64", show_default=True,
               help="Comma-separated client counts.")
@@ -236,14 +237,103 @@ def demo(cluster_dir: Path | None, keys: int, clients: int, keep: bool) -> None:
               default=None, help="Write results as JSON here.")
 @click.option("--physical-shards", "shard_counts", default="1,8", show_default=True,
               help="Comma-separated physical shard counts; a fresh cluster for each.")
-def bench(cluster_dir: Path, client_counts: str, duration_s: float, value_bytes: int,
-          json_path: Path | None, shard_counts: str) -> None:
-    """Puts and strong gets against fresh local clusters at several client counts."""
+@click.pass_context
+def bench(ctx: click.Context, cluster_dir: Path, client_counts: str, duration_s: float,
+          value_bytes: int, json_path: Path | None, shard_counts: str) -> None:
+    """Benchmarks against fresh local clusters.
+
+    Without a command: puts and strong gets at several client counts (the
+    options below belong to this one). ``raftkv bench reshard --help``: the
+    resharding benchmark.
+    """
+    if ctx.invoked_subcommand is not None:
+        given = [p.opts[0] for p in ctx.command.params if ctx.get_parameter_source(p.name or "")
+                 is click.core.ParameterSource.COMMANDLINE]
+        if given:
+            raise click.UsageError(f"{', '.join(given)} belong(s) to the put/get benchmark; "
+                                   f"give options after {ctx.invoked_subcommand!r}")
+        return
     from raftkv_cli.bench import run_bench
 
     counts = _int_list(client_counts, "--clients")
     shards = _int_list(shard_counts, "--physical-shards")
     sys.exit(run_bench(cluster_dir, counts, duration_s, value_bytes, json_path, shards))
+
+
+@bench.command("reshard")
+@click.option("--keys", type=click.IntRange(1, 10_000_000), default=200_000, show_default=True,
+              help="Keys loaded before the reshard.")
+@click.option("--from", "from_shards", type=click.IntRange(1, 4096), default=2,
+              show_default=True, help="Physical shards the keyspace starts on.")
+@click.option("--to", "to_shards", type=click.IntRange(1, 4096), default=8, show_default=True,
+              help="Physical shards to reshard to.")
+@click.option("--value-bytes", type=click.IntRange(24, 1 << 20), default=100,
+              show_default=True)
+@click.option("--clients", type=click.IntRange(1, 1024), default=8, show_default=True,
+              help="Background client loops (puts and strong gets of the loaded keys).")
+@click.option("--ops-per-s", type=click.FloatRange(0), default=400.0, show_default=True,
+              help="Background operations per second in total (0: unpaced).")
+@click.option("--workers", type=click.IntRange(0, 64), default=2, show_default=True,
+              help="Resharding worker processes (0: workers started elsewhere, "
+              "raftkv reshard-worker --dir DIR).")
+@click.option("--max-moves-per-node", type=click.IntRange(1, 64),
+              default=PER_NODE_MAX_DEFAULT, show_default=True,
+              help="Moves at once touching any one node.")
+@click.option("--duration-before-s", type=click.FloatRange(0.5), default=5.0,
+              show_default=True, help="Background measurement before the reshard.")
+@click.option("--duration-after-s", type=click.FloatRange(0), default=5.0,
+              show_default=True, help="Background measurement after the reshard (the new "
+              "layout's own cost).")
+@click.option("--dcs", type=click.IntRange(1, 9), default=3, show_default=True,
+              help="Simulated data centers.")
+@click.option("--nodes-per-dc", type=click.IntRange(1, 16), default=1, show_default=True,
+              help="More node processes only add overhead on a 2-core machine.")
+@click.option("--logical-shards", type=click.IntRange(1, 65536), default=256,
+              show_default=True, help="Logical shards of the keyspace (power of two).")
+@click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path),
+              default=None, help="Cluster directory, wiped first and kept afterwards "
+              "(default: a temporary one, deleted after a successful run).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="Write the report as JSON here (for example under "
+              "bench/results/).")
+@click.option("--timeout-s", type=click.FloatRange(1), default=600.0, show_default=True,
+              help="Give up on a reshard still running after this long.")
+def bench_reshard(keys: int, from_shards: int, to_shards: int, value_bytes: int,
+                  clients: int, ops_per_s: float, workers: int, max_moves_per_node: int,
+                  duration_before_s: float, duration_after_s: float, dcs: int, nodes_per_dc: int,
+                  logical_shards: int, directory: Path | None, json_path: Path | None,
+                  timeout_s: float) -> None:
+    """Load KEYS keys into FROM physical shards, reshard to TO under a steady
+    background load of reads and writes, then verify every key.
+
+    Reports the reshard's duration, what moved, each logical shard's
+    unavailability, background p99 latency before and during, client errors,
+    and whether every key holds its last acknowledged value; prints issue 5's
+    targets as met or missed. Exit 0 when every key verified with no client
+    error (a missed target is only reported), 1 otherwise, 3 if the cluster
+    could not start.
+    """
+    from raftkv_cli.bench_reshard import Options, run_reshard_bench
+
+    if logical_shards & (logical_shards - 1):
+        raise click.BadParameter("must be a power of two", param_hint="--logical-shards")
+    for name, shards in (("--from", from_shards), ("--to", to_shards)):
+        if shards > logical_shards:
+            raise click.BadParameter("must not exceed --logical-shards", param_hint=name)
+    if dcs * nodes_per_dc < 3:
+        raise click.BadParameter("needs at least 3 nodes (replication factor 3)",
+                                 param_hint="--dcs/--nodes-per-dc")
+    options = Options(keys=keys, from_shards=from_shards, to_shards=to_shards,
+                      value_bytes=value_bytes, clients=clients, ops_per_s=ops_per_s,
+                      workers=workers, max_moves_per_node=max_moves_per_node,
+                      duration_before_s=duration_before_s, duration_after_s=duration_after_s,
+                      dcs=dcs, nodes_per_dc=nodes_per_dc,
+                      logical_shards=logical_shards, timeout_s=timeout_s)
+    try:
+        code = run_reshard_bench(directory, options, json_path)
+    except ClusterError as exc:
+        fail(str(exc), EXIT_UNAVAILABLE)
+    sys.exit(code)
 
 
 def _int_list(text: str, option: str) -> list[int]:

@@ -33,7 +33,7 @@ EXIT_ABORTED = 1
 @keyspace_option
 @click.option("--physical-shards", type=click.IntRange(1, 4096), default=None,
               help="Physical shards (Raft groups) the keyspace should end with.")
-@click.option("--workers", type=click.IntRange(0, 64), default=4, show_default=True,
+@click.option("--workers", type=click.IntRange(0, 64), default=2, show_default=True,
               help="Worker processes to start (0: use workers started elsewhere).")
 @click.option("--max-moves-per-node", type=click.IntRange(1, 64),
               default=PER_NODE_MAX_DEFAULT, show_default=True,

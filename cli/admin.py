@@ -22,6 +22,7 @@ from raftkv_cli.common import (
     fail,
     keyspace_option,
     open_cluster,
+    run_trio,
 )
 
 IMPORT_BATCH_KEYS = 200
@@ -174,7 +175,7 @@ def import_(cluster_dir: Path, keyspace: str, file: Any) -> None:
         pairs.append((_field(record, "key", line_no), _field(record, "value", line_no)))
     started = time.monotonic()
     try:
-        trio.run(_import, cluster.client_addresses(), keyspace, pairs)
+        run_trio(_import, cluster.client_addresses(), keyspace, pairs)
     except RaftKVError as exc:
         fail(f"{exc.code}: {exc.message} (some keys may not be imported)", EXIT_UNAVAILABLE)
     elapsed = time.monotonic() - started
@@ -200,7 +201,7 @@ def export(cluster_dir: Path, keyspace: str, output: Any) -> None:
         return count
 
     try:
-        count = trio.run(run)
+        count = run_trio(run)
     except RaftKVError as exc:
         fail(f"{exc.code}: {exc.message}", EXIT_UNAVAILABLE)
     click.echo(f"exported {count} keys", err=True)

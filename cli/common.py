@@ -80,3 +80,19 @@ def with_client(cluster_dir: Path, action: Any, keyspace: str = "default") -> An
         fail(f"{exc.code}: {exc.message} (the operation {definite})", code)
 
 
+def run_trio(fn: Any, *args: Any) -> Any:
+    """``trio.run``, with a RaftKVError raised inside a nursery unwrapped: trio
+    reports a task's error in an ExceptionGroup, and a command reports it as
+    its one line."""
+    import trio
+
+    try:
+        return trio.run(fn, *args)
+    except BaseExceptionGroup as group:
+        found = group.subgroup(lambda e: isinstance(e, RaftKVError))
+        if found is None:
+            raise
+        leaf: BaseException = found
+        while isinstance(leaf, BaseExceptionGroup):
+            leaf = leaf.exceptions[0]
+        raise leaf from group

@@ -62,6 +62,7 @@ class Worker:
         self.per_node_max = per_node_max
         self.moves_done = 0
         self._shipped: dict[int, int] = {}
+        self._min_index: dict[int, int] = {}
         self._next: dict[str, Any] | None = None  # claimed with the last move's last report
 
     async def run(self, *, exit_when_idle: bool = False) -> None:
@@ -126,6 +127,10 @@ class Worker:
                     # Freeze to activation: the frozen source sends clients to the
                     # destination, which serves them from its activation on.
                     self._stats["unavailable_ms"] = round((activated_at - frozen_at) * 1000, 3)
+            if move.phase in ("capture", "freeze") and isinstance(result.get("i"), int):
+                # Reads of the source need a state that includes this entry, and
+                # not a barrier each (see the node's move_read).
+                self._min_index[move.id] = max(self._min_index.get(move.id, 0), result["i"])
             pending.append([move.phase, {k: v for k, v in result.items() if k != "records"}])
             try:
                 after: Move | None = advance(move, result)
@@ -143,6 +148,7 @@ class Worker:
             move = await self._report(move.id, pending)
             pending = []
         self._shipped.pop(move.id, None)
+        self._min_index.pop(move.id, None)
         if move.phase == "done":
             self.moves_done += 1
 
@@ -197,7 +203,7 @@ class Worker:
         while True:
             page = await self._group(shards, move.src, {
                 "op": "move_read", "ks_id": move.ks_id, "ls": move.ls, "after": cursor,
-                "limit": PAGE_KEYS})
+                "limit": PAGE_KEYS, "min_index": self._min_index.get(move.id, 0)})
             if first:
                 end, first = page["end"], False
             items = page["items"]
@@ -247,7 +253,8 @@ class Worker:
             else:
                 got = await self._group(shards, move.src, {
                     "op": "move_read", "ks_id": move.ks_id, "ls": move.ls, "move": move.id,
-                    "from": applied + 1, "limit": SHIP_RECORDS})
+                    "from": applied + 1, "limit": SHIP_RECORDS,
+                    "min_index": self._min_index.get(move.id, 0)})
                 records = got["records"]
                 if not records:
                     if upto is None:

@@ -21,6 +21,7 @@ transfer shard, to (Raft address of a replica)          (leader balancing)
 move     shard, step, ks_id, ls, move, data: {...}      (a step of moving logical shard ls)
 move_read shard, ks_id, ls, after, limit                (a page of ls's keys, for a move)
          | shard, move, from, limit                     (changelog records from seq ``from``)
+         [min_index]: no barrier once the leader applied that index
 fault    spec (a ``raftkv.faults.FaultSpec`` as json)   (fault injection)
 status   (none)
 ping     (none)
@@ -190,6 +191,9 @@ class MoveReadRequest:
     move_id: int | None
     from_seq: int
     limit: int
+    min_index: int = 0
+    """With it, a leader whose applied index reached it answers without a
+    barrier (the caller knows its state must include that entry)."""
 
 
 Request = (GetRequest | WriteRequest | ScanRequest | OwnRequest | DropRequest
@@ -369,7 +373,8 @@ def _decode_move(msg: dict[str, Any], op: str, request_id: int, context: str,
         if "after" in msg else b""
     return MoveReadRequest(request_id, shard, _u32(msg, "ks_id", context),
                            _u32(msg, "ls", context), after, changelog_of,
-                           _uint(msg, "from", context) if "from" in msg else 1, limit)
+                           _uint(msg, "from", context) if "from" in msg else 1, limit,
+                           _uint(msg, "min_index", context) if "min_index" in msg else 0)
 
 
 def _decode_fields(msg: dict[str, Any], request_id: int, limits: Limits) -> Request:

@@ -15,7 +15,7 @@ import trio
 from integration_support import in_thread
 
 from raftkv.client import open_client
-from raftkv.errors import NotLeader, RaftKVError, WrongShard
+from raftkv.errors import NotLeader, RaftKVError, Unavailable, WrongShard
 from raftkv.localcluster import LocalCluster, request
 from raftkv.sharding import logical_shard
 
@@ -33,7 +33,7 @@ def shard_call(cluster: LocalCluster, shard: int, msg: dict[str, Any],
         try:
             if leader is not None:
                 return request(cluster.address(leader), {**msg, "shard": shard}, 5.0)
-        except (NotLeader, OSError):
+        except (NotLeader, Unavailable, OSError):  # an election, or a leadership transfer
             pass
         assert time.monotonic() < deadline, f"shard {shard} has no leader"
         time.sleep(0.1)

@@ -155,6 +155,13 @@ class MoveState:
         self.writes = writes
         self.keys_added = 0
 
+    def delete_stored(self, key: bytes) -> None:
+        """Delete a key known to exist (a scan found it, and this entry did not
+        delete it): no read to learn whether it did."""
+        if key.startswith(layout.DATA_PREFIX):
+            self.keys_added -= 1
+        self.writes[key] = None
+
     def put(self, key: bytes, value: bytes | None) -> None:
         """Write or delete a key, keeping the user key count right."""
         if key.startswith(layout.DATA_PREFIX):
@@ -245,8 +252,9 @@ def _ingest(state: MoveState, step: MoveStep, owner: Owner | None,
     assert owner is not None
     if step.data["cursor"] != owner.cursor:
         return {"cursor": owner.cursor, "stale": True}
+    inside = _in_shard(step)
     for k, _ in step.data["kvs"]:
-        if not layout.in_shard(k, step.keyspace_id, step.logical_shard):
+        if not inside(k):
             return _refused(owner, f"key {k!r} is not in the moving logical shard")
     for k, v in step.data["kvs"]:
         state.put(k, v)
@@ -263,9 +271,10 @@ def _delta(state: MoveState, step: MoveStep, owner: Owner | None,
     assert owner is not None
     if step.data["from"] != owner.seq + 1:
         return {"seq": owner.seq, "stale": True}
+    inside = _in_shard(step)
     for record in step.data["records"]:
         for k, v in record:
-            if layout.in_shard(k, step.keyspace_id, step.logical_shard):
+            if inside(k):
                 state.put(k, v)
     seq = owner.seq + len(step.data["records"])
     if step.data.get("activate") == seq:  # the last records, and the cutover with them
@@ -415,11 +424,17 @@ def _delete_chunk(state: MoveState, step: MoveStep, n: int, *, changelog: bool,
         chunk = state.scan(start, stop, n - deleted + 1)
         doomed = [k for k, _ in chunk if state.writes.get(k, b"") is not None][:n - deleted]
         for k in doomed:
-            state.put(k, None)
+            state.delete_stored(k)
         deleted += len(doomed)
         if deleted >= n and len(chunk) > len(doomed):
             return {"deleted": deleted, "more": True}
     return {"deleted": deleted, "more": False}
+
+
+def _in_shard(step: MoveStep) -> Callable[[bytes], bool]:
+    """Whether a key is the moving logical shard's (its ranges computed once)."""
+    ranges = layout.shard_ranges(step.keyspace_id, step.logical_shard)
+    return lambda key: any(start <= key < stop for start, stop in ranges)
 
 
 def _is_bytes_pairs(value: Any) -> bool:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -57,3 +59,21 @@ def hard_events(writers: int = 22) -> list[Event]:
     events += [Event("ok", p, "write", None, p) for p in range(writers)]
     events += [Event("invoke", writers, "read"), Event("ok", writers, "read", None, 99)]
     return events
+
+
+def kill_processes_mentioning(text: str) -> list[int]:
+    """SIGKILL (after SIGCONT) every process whose command line mentions ``text``."""
+    killed = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if text in cmdline:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(entry.name), signal.SIGCONT)
+                os.kill(int(entry.name), signal.SIGKILL)
+                killed.append(int(entry.name))
+    return killed

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -21,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from jepsen_support import kill_processes_mentioning
 
 from raftkv.localcluster import LocalCluster
 
@@ -41,24 +40,6 @@ class Run:
                 for line in (self.out / "history.jsonl").read_text().splitlines()]
 
 
-def _kill_processes_mentioning(text: str) -> list[int]:
-    """SIGKILL (after SIGCONT) every process whose command line mentions ``text``."""
-    killed = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if text in cmdline:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(entry.name), signal.SIGCONT)
-                os.kill(int(entry.name), signal.SIGKILL)
-                killed.append(int(entry.name))
-    return killed
-
-
 @contextlib.contextmanager
 def jepsen_run(out: Path, *args: str, timeout_s: float) -> Iterator[Run]:
     """``jepsen-lite run --out OUT ARGS``; then, whatever happens, stop its
@@ -73,11 +54,11 @@ def jepsen_run(out: Path, *args: str, timeout_s: float) -> Iterator[Run]:
             code, output = -1, f"timed out after {timeout_s} s: {exc.stdout!r} {exc.stderr!r}"
         result = json.loads((out / "result.json").read_text()) \
             if (out / "result.json").exists() else {}
-        yield Run(code, result, output, out, _kill_processes_mentioning(str(out)))
+        yield Run(code, result, output, out, kill_processes_mentioning(str(out)))
     finally:
         if (out / "cluster" / "cluster.json").exists():
             LocalCluster(out / "cluster").stop()
-        _kill_processes_mentioning(str(out))
+        kill_processes_mentioning(str(out))
 
 
 @pytest.fixture(scope="module")

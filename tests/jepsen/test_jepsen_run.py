@@ -5,10 +5,7 @@ even when a run is killed by its timeout."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from jepsen_support import kill_processes_mentioning
 
 from jepsen_lite import etcd
 from raftkv.localcluster import LocalCluster
@@ -38,24 +36,6 @@ def run(out: Path, *args: str, timeout_s: float = 120) -> tuple[int, dict[str, A
     result = json.loads((out / "result.json").read_text()) if (out / "result.json").exists() \
         else {}
     return proc.returncode, result, proc.stdout + proc.stderr
-
-
-def _kill_processes_mentioning(text: str) -> list[int]:
-    """SIGKILL (after SIGCONT) every process whose command line mentions ``text``."""
-    killed = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if text in cmdline:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(entry.name), signal.SIGCONT)
-                os.kill(int(entry.name), signal.SIGKILL)
-                killed.append(int(entry.name))
-    return killed
 
 
 def nemesis_events(out: Path) -> list[dict[str, Any]]:
@@ -134,7 +114,7 @@ def test_etcd_runs_the_same_workload_and_is_linearizable(tmp_path: Path) -> None
         code, result, output = run(out, "--target", "etcd", "--nemesis", "kill,pause",
                                    "--time-limit", "12", "--concurrency", "5", "--seed", "2")
     finally:
-        leftovers = _kill_processes_mentioning(str(out))
+        leftovers = kill_processes_mentioning(str(out))
     assert leftovers == [], "the run left etcd members running"
     assert code == 0, output
     assert result["verdict"] == "linearizable" and result["target"] == "etcd"

@@ -91,6 +91,7 @@ class Options:
     """Background operations per second in total; 0: as fast as they go."""
     workers: int
     max_moves_per_node: int
+    max_keys_per_s: float | None
     duration_before_s: float
     duration_after_s: float
     """Background measurement after the reshard: the cost of the new layout
@@ -469,7 +470,8 @@ async def measure(cluster: LocalCluster, options: Options, book: KeyBook,
         measured.load_s = await load_keys(loader, book)
     click.echo(f"  loaded {options.keys:,} keys in {measured.load_s:.1f} s "
                f"({options.keys / max(measured.load_s, 1e-9):,.0f} keys/s)")
-    workers = start_workers(cluster, options.workers, options.max_moves_per_node)
+    workers = start_workers(cluster, options.workers, options.max_moves_per_node,
+                            options.max_keys_per_s)
     try:
         async with open_client(addresses) as kv:
             load = BackgroundLoad(kv, book, options.clients, options.ops_per_s)

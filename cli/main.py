@@ -279,6 +279,8 @@ def bench(ctx: click.Context, cluster_dir: Path, client_counts: str, duration_s:
 @click.option("--max-moves-per-node", type=click.IntRange(1, 64),
               default=PER_NODE_MAX_DEFAULT, show_default=True,
               help="Moves at once touching any one node.")
+@click.option("--max-keys-per-s", type=click.FloatRange(min=1), default=None,
+              help="Keys each worker copies per second at most (default: no limit).")
 @click.option("--duration-before-s", type=click.FloatRange(0.5), default=5.0,
               show_default=True, help="Background measurement before the reshard.")
 @click.option("--duration-after-s", type=click.FloatRange(0), default=5.0,
@@ -300,7 +302,8 @@ def bench(ctx: click.Context, cluster_dir: Path, client_counts: str, duration_s:
               help="Give up on a reshard still running after this long.")
 def bench_reshard(keys: int, from_shards: int, to_shards: int, value_bytes: int,
                   clients: int, ops_per_s: float, workers: int, max_moves_per_node: int,
-                  duration_before_s: float, duration_after_s: float, dcs: int, nodes_per_dc: int,
+                  max_keys_per_s: float | None, duration_before_s: float,
+                  duration_after_s: float, dcs: int, nodes_per_dc: int,
                   logical_shards: int, directory: Path | None, json_path: Path | None,
                   timeout_s: float) -> None:
     """Load KEYS keys into FROM physical shards, reshard to TO under a steady
@@ -326,7 +329,8 @@ def bench_reshard(keys: int, from_shards: int, to_shards: int, value_bytes: int,
     options = Options(keys=keys, from_shards=from_shards, to_shards=to_shards,
                       value_bytes=value_bytes, clients=clients, ops_per_s=ops_per_s,
                       workers=workers, max_moves_per_node=max_moves_per_node,
-                      duration_before_s=duration_before_s, duration_after_s=duration_after_s,
+                      max_keys_per_s=max_keys_per_s, duration_before_s=duration_before_s,
+                      duration_after_s=duration_after_s,
                       dcs=dcs, nodes_per_dc=nodes_per_dc,
                       logical_shards=logical_shards, timeout_s=timeout_s)
     try:

@@ -38,6 +38,9 @@ EXIT_ABORTED = 1
 @click.option("--max-moves-per-node", type=click.IntRange(1, 64),
               default=PER_NODE_MAX_DEFAULT, show_default=True,
               help="Moves at once touching any one node.")
+@click.option("--max-keys-per-s", type=click.FloatRange(min=1), default=None,
+              help="Keys each worker copies per second at most: the reshard's pace, "
+              "for clients to keep their latency (default: no limit).")
 @click.option("--plan", "plan_only", is_flag=True, help="Print the moves; change nothing.")
 @click.option("--status", "status_only", is_flag=True, help="Print the latest reshard's state.")
 @click.option("--abort", is_flag=True,
@@ -45,8 +48,8 @@ EXIT_ABORTED = 1
 @click.option("--json", "as_json", is_flag=True, help="Print the plan, status or report as JSON.")
 @click.option("--timeout-s", type=float, default=3600.0, show_default=True)
 def reshard(cluster_dir: Path, keyspace: str, physical_shards: int | None, workers: int,
-            max_moves_per_node: int, plan_only: bool, status_only: bool, abort: bool,
-            as_json: bool, timeout_s: float) -> None:
+            max_moves_per_node: int, max_keys_per_s: float | None, plan_only: bool,
+            status_only: bool, abort: bool, as_json: bool, timeout_s: float) -> None:
     """Split or merge a keyspace's physical shards while it serves.
 
     Creates the new groups, moves logical shards between groups with zero
@@ -77,7 +80,8 @@ def reshard(cluster_dir: Path, keyspace: str, physical_shards: int | None, worke
         status = manager_call(cluster, {"op": "reshard", "ks": keyspace,
                                         "physical_shards": physical_shards})
     final = _follow(cluster, keyspace, status, workers=workers,
-                    per_node_max=max_moves_per_node, timeout_s=timeout_s, quiet=as_json)
+                    per_node_max=max_moves_per_node, keys_per_s=max_keys_per_s,
+                    timeout_s=timeout_s, quiet=as_json)
     if as_json:
         click.echo(json.dumps(_report(final), indent=2))
     else:
@@ -91,11 +95,14 @@ def reshard(cluster_dir: Path, keyspace: str, physical_shards: int | None, worke
               help="Workers in this process.")
 @click.option("--max-moves-per-node", type=click.IntRange(1, 64),
               default=PER_NODE_MAX_DEFAULT, show_default=True)
+@click.option("--max-keys-per-s", type=click.FloatRange(min=1), default=None,
+              help="Keys each worker copies per second at most (default: no limit).")
 @click.option("--id", "worker_id", default=None, help="Worker id (default host-pid).")
 @click.option("--exit-when-idle", is_flag=True, help="Stop when no move is left to claim.")
 @click.option("--log-level", default="WARNING", show_default=True)
 def reshard_worker(cluster_dir: Path, workers: int, max_moves_per_node: int,
-                   worker_id: str | None, exit_when_idle: bool, log_level: str) -> None:
+                   max_keys_per_s: float | None, worker_id: str | None, exit_when_idle: bool,
+                   log_level: str) -> None:
     """Run resharding workers in the foreground: claim moves from the shard
     manager and carry them out (``raftkv reshard`` starts these for you)."""
     import logging
@@ -108,20 +115,21 @@ def reshard_worker(cluster_dir: Path, workers: int, max_moves_per_node: int,
                         format="%(asctime)s reshard-worker %(levelname)s %(name)s: %(message)s")
     cluster = open_cluster(cluster_dir)
     trio.run(lambda: run_workers(cluster.client_addresses(), workers,
-                                 per_node_max=max_moves_per_node,
+                                 per_node_max=max_moves_per_node, keys_per_s=max_keys_per_s,
                                  exit_when_idle=exit_when_idle, worker_id=worker_id))
 
 
-def start_workers(cluster: LocalCluster, count: int,
-                  per_node_max: int) -> list[subprocess.Popen[bytes]]:
+def start_workers(cluster: LocalCluster, count: int, per_node_max: int,
+                  keys_per_s: float | None = None) -> list[subprocess.Popen[bytes]]:
     """``count`` worker processes, logging into the cluster directory."""
     processes = []
+    pace = [] if keys_per_s is None else ["--max-keys-per-s", str(keys_per_s)]
     for i in range(count):
         log = open(cluster.directory / f"reshard-worker-{i}.log", "ab")  # noqa: SIM115
         processes.append(subprocess.Popen(
             [sys.executable, "-m", "raftkv_cli.main", "reshard-worker", "--dir",
              str(cluster.directory), "--max-moves-per-node", str(per_node_max),
-             "--id", f"cli-{i}-{int(time.time())}"],
+             "--id", f"cli-{i}-{int(time.time())}", *pace],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, close_fds=True))
         log.close()
     return processes
@@ -140,7 +148,8 @@ def stop_workers(processes: list[subprocess.Popen[bytes]]) -> None:
 
 
 def _follow(cluster: LocalCluster, keyspace: str, status: dict[str, Any], *, workers: int,
-            per_node_max: int, timeout_s: float, quiet: bool) -> dict[str, Any]:
+            per_node_max: int, keys_per_s: float | None, timeout_s: float,
+            quiet: bool) -> dict[str, Any]:
     """Run workers and show progress until the reshard ends; its last status."""
     from rich.progress import (
         BarColumn,
@@ -151,7 +160,7 @@ def _follow(cluster: LocalCluster, keyspace: str, status: dict[str, Any], *, wor
         TimeRemainingColumn,
     )
 
-    processes = start_workers(cluster, workers, per_node_max) if status["state"] in \
+    processes = start_workers(cluster, workers, per_node_max, keys_per_s) if status["state"] in \
         RESHARD_LIVE else []
     deadline = time.monotonic() + timeout_s
     reported_stuck = False

@@ -55,11 +55,14 @@ class MoveDropped(Exception):
 
 class Worker:
     def __init__(self, kv: AsyncClient, pool: ConnectionPool, worker_id: str, *,
-                 per_node_max: int) -> None:
+                 per_node_max: int, keys_per_s: float | None = None) -> None:
         self.kv = kv
         self.pool = pool
         self.id = worker_id
         self.per_node_max = per_node_max
+        self.keys_per_s = keys_per_s  # a budget for the copy: the reshard's pace
+        self._paced_at = time.monotonic()
+        self._tokens = 0.0
         self.moves_done = 0
         self._shipped: dict[int, int] = {}
         self._min_index: dict[int, int] = {}
@@ -223,6 +226,7 @@ class Worker:
                 return result
             copied = sum(1 for k, _ in items if bytes(k).startswith(layout.DATA_PREFIX))
             keys += copied
+            await self._pace(len(items))
             self._add("keys", copied)
             self._add("bytes", sum(len(k) + len(v) for k, v in items))
             cursor = last
@@ -283,6 +287,20 @@ class Worker:
         self._shipped[move.id] = applied
         return {"seq": applied}
 
+    async def _pace(self, keys: int) -> None:
+        """Keep this worker's copy at ``keys_per_s`` (each key copied is applied,
+        and later deleted, on every replica of two groups: CPU the groups'
+        clients share)."""
+        if not self.keys_per_s:
+            return
+        # A token bucket holding at most half a second of keys.
+        now = time.monotonic()
+        self._tokens = min(self.keys_per_s / 2, self._tokens + (now - self._paced_at)
+                           * self.keys_per_s) - keys
+        self._paced_at = now
+        if self._tokens < 0:
+            await trio.sleep(-self._tokens / self.keys_per_s)
+
     def _add(self, name: str, n: int) -> None:
         self._stats[name] = self._stats.get(name, 0) + n
 
@@ -292,6 +310,7 @@ def default_worker_id() -> str:
 
 
 async def run_workers(managers: list[str], count: int, *, per_node_max: int,
+                      keys_per_s: float | None = None,
                       exit_when_idle: bool = False, worker_id: str | None = None) -> None:
     """``count`` workers in this process (``raftkv reshard-worker``)."""
     base = worker_id or default_worker_id()
@@ -309,7 +328,7 @@ async def run_workers(managers: list[str], count: int, *, per_node_max: int,
             async with trio.open_nursery() as workers:
                 for i in range(count):
                     worker = Worker(kv, pool, base if count == 1 else f"{base}.{i}",
-                                    per_node_max=per_node_max)
+                                    per_node_max=per_node_max, keys_per_s=keys_per_s)
                     workers.start_soon(functools.partial(worker.run,
                                                          exit_when_idle=exit_when_idle))
             nursery.cancel_scope.cancel()

@@ -1,0 +1,42 @@
+"""The resharding worker's copy pace (``--max-keys-per-s``): a token bucket."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import trio
+
+from shardmgr.worker import Worker
+
+
+def worker(keys_per_s: float | None) -> Worker:
+    unused: Any = None  # pacing touches neither the manager nor the groups
+    return Worker(unused, unused, "w", per_node_max=1, keys_per_s=keys_per_s)
+
+
+async def test_the_copy_keeps_to_its_pace() -> None:
+    paced = worker(2000)
+    started = time.monotonic()
+    for _ in range(10):
+        await paced._pace(100)  # 1,000 keys at 2,000 keys/s: half a second
+    elapsed = time.monotonic() - started
+    assert 0.4 <= elapsed < 1.5, elapsed
+
+
+async def test_no_pace_means_no_wait() -> None:
+    free = worker(None)
+    started = time.monotonic()
+    for _ in range(100):
+        await free._pace(1000)
+    assert time.monotonic() - started < 0.2
+
+
+async def test_an_idle_spell_earns_at_most_half_a_second_of_burst() -> None:
+    paced = worker(1000)
+    await trio.sleep(0.3)
+    started = time.monotonic()
+    await paced._pace(300)  # within the burst: no wait
+    assert time.monotonic() - started < 0.1
+    await paced._pace(500)  # beyond it: about half a second
+    assert time.monotonic() - started >= 0.3

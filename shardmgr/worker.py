@@ -2,16 +2,16 @@
 shard manager and carries out their phases in the groups.
 
 The worker keeps nothing that matters: the move's phase lives in the
-manager's state, and every step it sends a group is idempotent. After each
-phase it reports the group's answer (``move_update``, a compare-and-set on
-the phase that also renews its lease); if that is refused, the move went to
-another worker (or was aborted) and this one drops it. The cutover (freeze,
-ship the last records, activate, moved) is done without reporting in
-between, so the logical shard is unavailable only for the groups' own steps;
-a worker dying inside it leaves the move in ``freeze``, which its successor
-redoes (a frozen source answers the same final seq). The phases before the
-freeze are reported together too (see ``_REPORT_BEFORE``): each report is a
-change of the manager's replicated state.
+manager's state, and every step it sends a group is idempotent. It reports
+the groups' answers (``move_update``, a compare-and-set on the phase that
+also renews its lease) twice per move: before the freeze, and at the end,
+where the same manager change claims its next move (``_REPORT_BEFORE``;
+every report is a change of the manager's replicated state). If a report is
+refused, the move went to another worker (or was aborted) and this one drops
+it. Nothing is reported inside the cutover (freeze, the last delta that
+activates, moved), so the logical shard is unavailable only for the groups'
+own steps; a worker dying there leaves the move in ``freeze``, which its
+successor redoes (a frozen source answers the same final seq).
 """
 
 from __future__ import annotations
@@ -67,6 +67,8 @@ class Worker:
         self._shipped: dict[int, int] = {}
         self._min_index: dict[int, int] = {}
         self._next: dict[str, Any] | None = None  # claimed with the last move's last report
+        self._stats: dict[str, Any] = {}  # figures for the next report
+        self._last_report = time.monotonic()
 
     async def run(self, *, exit_when_idle: bool = False) -> None:
         """Claim and drive moves until cancelled (or, with ``exit_when_idle``,
@@ -97,10 +99,17 @@ class Worker:
                 await trio.sleep(1.0)
 
     async def drive(self, move: Move, shards: dict[int, list[str]]) -> None:
-        """Carry ``move`` from its phase to its end."""
+        """Carry ``move`` from its phase to its end (or until it is dropped)."""
+        try:
+            await self._drive(move, shards)
+        finally:
+            self._shipped.pop(move.id, None)
+            self._min_index.pop(move.id, None)
+
+    async def _drive(self, move: Move, shards: dict[int, list[str]]) -> None:
         pending: list[list[Any]] = []  # [phase, result] not reported yet
         frozen_at: float | None = None
-        self._stats: dict[str, Any] = {}
+        self._stats = {}
         self._last_report = time.monotonic()
         frozen: dict[str, Any] | None = None  # the freeze's answer, with records
         activated_at: float | None = None
@@ -150,8 +159,6 @@ class Worker:
                 continue
             move = await self._report(move.id, pending)
             pending = []
-        self._shipped.pop(move.id, None)
-        self._min_index.pop(move.id, None)
         if move.phase == "done":
             self.moves_done += 1
 
@@ -182,9 +189,9 @@ class Worker:
             try:
                 return await request_leader(self.pool, shards[shard], {**msg, "shard": shard},
                                             10.0)
-            except RaftKVError as exc:
-                if exc.definite and exc.code in ("BAD_REQUEST",):
-                    raise
+            except BadRequest:
+                raise  # a bug, not an election: waiting will not help
+            except RaftKVError:
                 if trio.current_time() + delay > deadline:
                     raise
             await trio.sleep(delay)

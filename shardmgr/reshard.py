@@ -345,6 +345,8 @@ def progress(state: ClusterState, keyspace: str) -> dict[str, Any] | None:
         "phases": phases,
         "stuck": [{"move": m.id, "ls": m.ls, "phase": m.phase, "error": m.stuck}
                   for m in moves if m.stuck is not None],
+        "leases": [{"move": m.id, "worker": m.worker, "phase": m.phase}
+                   for m in moves if m.worker is not None and m.phase not in FINAL],
         "unavailable_ms": percentiles(unavailable),
         "removed_shards": job.summary.get("removed_shards", []),
     }

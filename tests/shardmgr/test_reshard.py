@@ -676,7 +676,9 @@ def test_progress_reports_phases_figures_and_cutover_percentiles() -> None:
                      "keys": 5, "bytes": 50, "records": 2,
                      "phases": {"catchup": 1, "cleanup": 1, "prepare": 10}, "stuck": [],
                      "unavailable_ms": {"p50": 4.25, "p99": 4.25, "max": 4.25, "count": 1},
-                     "removed_shards": []}
+                     "removed_shards": [],
+                     "leases": [{"move": a.id, "worker": "a", "phase": "catchup"},
+                                {"move": b.id, "worker": "b", "phase": "cleanup"}]}
     assert json.loads(json.dumps(shown)) == shown
     done = rs.tick(finish_every_move(state, now=NOW + rs.LEASE_S), now=NOW + 11)
     shown = rs.progress(done, NAME)

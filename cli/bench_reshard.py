@@ -471,7 +471,7 @@ async def measure(cluster: LocalCluster, options: Options, book: KeyBook,
     click.echo(f"  loaded {options.keys:,} keys in {measured.load_s:.1f} s "
                f"({options.keys / max(measured.load_s, 1e-9):,.0f} keys/s)")
     workers = start_workers(cluster, options.workers, options.max_moves_per_node,
-                            options.max_keys_per_s)
+                            options.max_keys_per_s, log_level="INFO")
     try:
         async with open_client(addresses) as kv:
             load = BackgroundLoad(kv, book, options.clients, options.ops_per_s)

@@ -120,8 +120,10 @@ def reshard_worker(cluster_dir: Path, workers: int, max_moves_per_node: int,
 
 
 def start_workers(cluster: LocalCluster, count: int, per_node_max: int,
-                  keys_per_s: float | None = None) -> list[subprocess.Popen[bytes]]:
-    """``count`` worker processes, logging into the cluster directory."""
+                  keys_per_s: float | None = None,
+                  log_level: str = "WARNING") -> list[subprocess.Popen[bytes]]:
+    """``count`` worker processes, logging into the cluster directory
+    (at INFO, a line per move's cutover)."""
     processes = []
     pace = [] if keys_per_s is None else ["--max-keys-per-s", str(keys_per_s)]
     for i in range(count):
@@ -129,7 +131,7 @@ def start_workers(cluster: LocalCluster, count: int, per_node_max: int,
         processes.append(subprocess.Popen(
             [sys.executable, "-m", "raftkv_cli.main", "reshard-worker", "--dir",
              str(cluster.directory), "--max-moves-per-node", str(per_node_max),
-             "--id", f"cli-{i}-{int(time.time())}", *pace],
+             "--id", f"cli-{i}-{int(time.time())}", "--log-level", log_level, *pace],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, close_fds=True))
         log.close()
     return processes

@@ -139,6 +139,10 @@ class Worker:
                     # Freeze to activation: the frozen source sends clients to the
                     # destination, which serves them from its activation on.
                     self._stats["unavailable_ms"] = round((activated_at - frozen_at) * 1000, 3)
+                    log.info("move %d: logical shard %d, %d -> %d, frozen at %.6f for %.1f ms",
+                             move.id, move.ls, move.src, move.dst,
+                             time.time() - (activated_at - frozen_at),
+                             self._stats["unavailable_ms"])
             if move.phase in ("capture", "freeze") and isinstance(result.get("i"), int):
                 # Reads of the source need a state that includes this entry, and
                 # not a barrier each (see the node's move_read).

@@ -60,6 +60,7 @@ from raftkv.errors import (
 )
 from raftkv.replication.hub import RaftHub
 from raftkv.replication.journal import DurableJournal
+from raftkv.replication.readindex import ReadIndex
 from raftkv.statemachine.apply import ApplyFn, apply_entry
 from raftkv.storage.leveldb import (
     SnapshotReader,
@@ -225,6 +226,8 @@ class _HubTransport(Transport):  # type: ignore[misc]
         self._link = link
         self.address = str(selfNode.address)
         self._nodes: dict[str, Any] = {}  # peer address -> pysyncobj node
+        self.reads = ReadIndex()  # strong reads pending at this leader (readindex.py)
+        self.on_reads: Callable[[], None] | None = None  # acks or ticks may serve some
         self._attached = False
         self._late = False  # a message of this round waits for the sync
         self._delayed: dict[str, collections.deque[tuple[float, Any]]] = {}
@@ -253,6 +256,9 @@ class _HubTransport(Transport):  # type: ignore[misc]
         if not self._hub.on_hub_thread():
             self._hub.call_soon(lambda: self.send(node, message))
             return True
+        if self.reads.pending and message.get("type") == "append_entries":
+            # Asks the follower to confirm this leadership (a read_ack): see readindex.py.
+            message["ri"] = self.reads.started
         late = self._late or (message.get("type") in self._WAIT_FOR_SYNC
                               and self._journal.unsynced)
         self._late = late
@@ -292,13 +298,40 @@ class _HubTransport(Transport):  # type: ignore[misc]
         node = self._nodes.get(source)
         if node is None:
             return  # not (or no longer) a member of this group
+        kind = message.get("type")
+        if kind == "read_ack":
+            self.reads.ack(source, message["ri"], message["term"])
+            if self.on_reads is not None:
+                self.on_reads()
+            return
         self._onMessageReceived(node, message)
         kept = self._journal.settle()
         if kept:
             reapply_membership(self._syncObj, kept)
+        if kind == "append_entries" and "ri" in message:
+            self._confirm_leader(node, message)
+
+    def _confirm_leader(self, node: Any, message: dict[str, Any]) -> None:
+        """Tell the leader whose heartbeat this was that this member follows it
+        in its term (only then: a member of a later term must not confirm an
+        old leader). The answer acknowledges no entries, so it need not wait
+        for the journal's sync."""
+        term = message["term"]
+        leader = self._syncObj._getLeader()
+        if self._syncObj.raftCurrentTerm != term or leader is None \
+                or str(leader.address) != str(node.address):
+            return
+        ack = {"type": "read_ack", "ri": message["ri"], "term": term}
+        address = str(node.address)
+        if self._link is not None:
+            self._send_over_link(address, ack, False)
+        else:
+            self._hand(address, ack, False)
 
     def tick(self) -> None:
         self._syncObj.doTick(0.0)
+        if self.reads.pending and self.on_reads is not None:
+            self.on_reads()  # the commit or apply may have advanced, or the term changed
 
     @property
     def has_peers(self) -> bool:
@@ -553,6 +586,8 @@ class Replica:
         try:
             self._group = _Group(self, self_address, peer_addresses, conf, make_transport)
             self.transport = made[0]
+            self.transport.on_reads = self._serve_reads
+            self._read_round_queued = False
             self._poller.member = self.transport
             self.transport.attached()
             self.hub.add(self.transport)
@@ -628,6 +663,71 @@ class Replica:
             return
         self._group.apply_entry(payload, callback=callback)
 
+    def read_index(self, on_done: OnDone) -> None:
+        """A linearizable read without a log entry (``readindex.py``):
+        ``on_done({"i": read_index}, None)`` once this replica, leading, has
+        confirmed its leadership with a majority after this call and applied
+        its log up to the read index, so a read of its state now reflects
+        every write acknowledged before this call; else ``on_done(None,
+        error)`` (NOT_LEADER when it does not lead, or stops leading first).
+        ``on_done`` runs on the Raft thread and must not block."""
+        self.hub.call_soon(lambda: self._read_request(on_done))
+
+    def _read_request(self, on_done: OnDone) -> None:
+        group = self._group
+        failed = self.transport.reads.leading(
+            int(group.raftCurrentTerm) if group._isLeader() else None)
+        self._fail_reads(failed)
+        if self.transport.reads.term is None:
+            self._fail_reads([on_done])
+            return
+        term, commit = self.transport.reads.term, int(group.raftCommitIndex)
+        self.transport.reads.request(term, commit, self._term_of(commit) == term, on_done)
+        if not self._read_round_queued:
+            # Reads queued on the hub until this call runs share one round.
+            self._read_round_queued = True
+            self.hub.call_soon(self._start_read_round)
+
+    def _start_read_round(self) -> None:
+        self._read_round_queued = False
+        if self.transport.reads.start_round() is None:
+            return
+        if self.transport.has_peers and self._group._isLeader():
+            # Heartbeats now, stamped with the round (their read_acks confirm it).
+            self._group._SyncObj__sendAppendEntries()
+        self._serve_reads()
+
+    def _serve_reads(self) -> None:
+        """Complete the reads that may be served; fail them all if this
+        replica no longer leads the term they were taken in."""
+        reads, group = self.transport.reads, self._group
+        term = int(group.raftCurrentTerm) if group._isLeader() else None
+        self._fail_reads(reads.leading(term))
+        if term is None or not reads.pending:
+            return
+        commit = int(group.raftCommitIndex)
+        if reads.unindexed:
+            reads.commit_advanced(term, commit, self._term_of(commit) == term)
+        voters = len(self.transport.peer_addresses()) + 1
+        for on_read, index in reads.ready(voters, int(group.raftLastApplied)):
+            self._call(on_read, {"i": index}, None)
+
+    def _fail_reads(self, failed: list[Any]) -> None:
+        if failed:
+            error = error_for_fail_reason(FAIL_REASON.NOT_LEADER, self.leader_hint())
+            for on_read in failed:
+                self._call(on_read, None, error)
+
+    def _term_of(self, index: int) -> int | None:
+        entries = self._group._SyncObj__getEntries(index, 1)
+        return int(entries[0][2]) if entries else None
+
+    def _call(self, on_done: OnDone, result: Any, error: RaftKVError | None) -> None:
+        try:
+            on_done(result, error)
+        except BaseException:
+            log.exception("shard %d: result callback failed", self.shard_id)
+
     # -- state ---------------------------------------------------------------------
 
     @property
@@ -665,6 +765,9 @@ class Replica:
     def destroy(self) -> None:
         """Take the group off the hub (no tick or apply runs after this) and close files."""
         def detach() -> None:
+            for on_read in self.transport.reads.fail_all():
+                self._call(on_read, None, Unavailable(f"shard {self.shard_id}: the replica "
+                                                      "was closed"))
             self._group.destroy()  # without autoTick: closes the transport and journal now
             for fd in list(self._poller.fds):
                 self.hub.unsubscribe(fd)

@@ -502,7 +502,8 @@ class NodeServer:
     def _read(self, shard_id: int, consistency: str, keyspace: str, *, ls_of: Any,
               read: Any, reply: OnDone) -> None:
         """Serve ``read(replica, ks_id, ls)``: from any replica (eventual) or from
-        the leader once a barrier proposed after this call is applied (strong).
+        the leader once its read index for this call is confirmed and applied
+        (strong; ``raftkv/replication/readindex.py``).
         The value is read first and ownership checked after: if the group still
         owns the logical shard after the read, no other group could have taken
         a write for it before the read, so the value was current."""
@@ -516,9 +517,11 @@ class NodeServer:
                           lag=max(0, replica.commit_index - replica.last_applied))
             reply(result, None)
             return
-        replica, proposer = self._leader_for(shard_id)
+        replica, _ = self._leader_for(shard_id)
         ks_id, total = self._keyspace(replica, shard_id, keyspace)
         ls = ls_of(total)
+        token = self._token
+        assert token is not None
 
         def done(barrier: Any, error: RaftKVError | None) -> None:
             if error is not None:
@@ -533,7 +536,8 @@ class NodeServer:
             result["index"] = barrier["i"]
             reply(result, None)
 
-        proposer.barrier(done)
+        # A read index (no log entry), confirmed on the Raft thread; read here.
+        replica.read_index(lambda r, e: token.run_sync_soon(done, r, e))
 
     def _get(self, request: GetRequest, reply: OnDone) -> None:
         def read(replica: Replica, ks_id: int, ls: int) -> dict[str, Any]:

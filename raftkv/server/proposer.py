@@ -8,11 +8,14 @@ already in flight wait and go out together in the next entry, so an idle
 cluster commits each command at once (low latency) and a busy one packs many
 per entry (high throughput) with no timer.
 
-A barrier is a command that changes nothing. Every strong read that arrives
-before an entry is proposed rides on that entry's barrier; once the barrier
-is applied on this leader, every write acknowledged before those reads began
-is in LevelDB, and the reads are served from it (DESIGN section 2). Reads that
-arrive while a barrier is in flight wait for the next one.
+A barrier is a command that changes nothing. Every read that waits for one
+and arrives before an entry is proposed rides on that entry's barrier; once
+the barrier is applied on this leader, every write acknowledged before those
+reads began is in LevelDB. Reads that arrive while a barrier is in flight
+wait for the next one. Client strong reads no longer use barriers (they take
+a read index, with no log entry: ``raftkv/replication/readindex.py``); the
+move steps' reads do, where a barrier also orders them after the move's own
+entries.
 """
 
 from __future__ import annotations

@@ -228,6 +228,8 @@ class _HubTransport(Transport):  # type: ignore[misc]
         self._nodes: dict[str, Any] = {}  # peer address -> pysyncobj node
         self.reads = ReadIndex()  # strong reads pending at this leader (readindex.py)
         self.on_reads: Callable[[], None] | None = None  # acks or ticks may serve some
+        self._round_open = False  # a read round started, not yet on every peer's heartbeat
+        self._stamped: set[str] = set()  # the peers that got the open round
         self._attached = False
         self._late = False  # a message of this round waits for the sync
         self._delayed: dict[str, collections.deque[tuple[float, Any]]] = {}
@@ -259,6 +261,8 @@ class _HubTransport(Transport):  # type: ignore[misc]
         if self.reads.pending and message.get("type") == "append_entries":
             # Asks the follower to confirm this leadership (a read_ack): see readindex.py.
             message["ri"] = self.reads.started
+            if self._round_open:
+                self._stamped.add(str(node.address))
         late = self._late or (message.get("type") in self._WAIT_FOR_SYNC
                               and self._journal.unsynced)
         self._late = late
@@ -328,8 +332,20 @@ class _HubTransport(Transport):  # type: ignore[misc]
         else:
             self._hand(address, ack, False)
 
+    def open_round(self) -> None:
+        """A read round was started: it goes out on this round's heartbeats
+        or append-entries (writes in flight carry it at no cost); ``tick``
+        sends heartbeats to the peers it has not reached."""
+        self._round_open = True
+        self._stamped = set()
+        self._hub.touch(self)
+
     def tick(self) -> None:
         self._syncObj.doTick(0.0)
+        if self._round_open:
+            self._round_open = False
+            if len(self._stamped) < len(self._nodes) and self._syncObj._isLeader():
+                self._syncObj._SyncObj__sendAppendEntries()
         if self.reads.pending and self.on_reads is not None:
             self.on_reads()  # the commit or apply may have advanced, or the term changed
 
@@ -692,10 +708,10 @@ class Replica:
         self._read_round_queued = False
         if self.transport.reads.start_round() is None:
             return
-        if self.transport.has_peers and self._group._isLeader():
-            # Heartbeats now, stamped with the round (their read_acks confirm it).
-            self._group._SyncObj__sendAppendEntries()
-        self._serve_reads()
+        if self.transport.has_peers:
+            self.transport.open_round()  # their read_acks confirm it
+        else:
+            self._serve_reads()
 
     def _serve_reads(self) -> None:
         """Complete the reads that may be served; fail them all if this

@@ -18,6 +18,7 @@ from raftkv_cli.admin import register as register_admin
 from raftkv_cli.common import (
     EXIT_NOT_FOUND,
     EXIT_UNAVAILABLE,
+    EXIT_USAGE,
     cluster_dir_option,
     decode_value,
     fail,
@@ -229,35 +230,91 @@ def demo(cluster_dir: Path | None, keys: int, clients: int, keep: bool) -> None:
 
 @cli.group(invoke_without_command=True)
 @cluster_dir_option
-@click.option("--clients", "client_counts", default="1,16,64", show_default=True,
-              help="Comma-separated client counts.")
-@click.option("--duration-s", type=float, default=5.0, show_default=True)
-@click.option("--value-bytes", type=click.IntRange(1), default=100, show_default=True)
+@click.option("--target", "targets", default="raftkv,etcd", show_default=True,
+              help="Comma-separated systems to measure, one after the other: raftkv, etcd.")
+@click.option("--workload", "workloads", default="A,B,C,write", show_default=True,
+              help="Comma-separated YCSB-style workloads: A (50% reads, 50% updates), "
+              "B (95% reads), C (reads only), write (updates only).")
+@click.option("--clients", "client_counts", default="1,16,64,128", show_default=True,
+              help="Comma-separated client counts (concurrent loops, one request each).")
+@click.option("--duration-s", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
+              help="Measured seconds per point (workload x clients).")
+@click.option("--distribution", default="zipfian", show_default=True,
+              help="Key popularity: zipfian (YCSB's scrambled zipfian) or uniform.")
+@click.option("--records", type=click.IntRange(1, 100_000_000), default=10_000,
+              show_default=True, help="Keys written before measuring; operations use these.")
+@click.option("--value-bytes", type=click.IntRange(1, 1 << 20), default=100, show_default=True)
+@click.option("--physical-shards", "shard_counts", default="1", show_default=True,
+              help="raftkv only: comma-separated physical shard counts, a fresh cluster each.")
+@click.option("--etcd-endpoints", default="leader", show_default=True,
+              help="etcd only: send requests to the leader (as raftkv's SDK does), or to "
+              "all members round-robin (clientv3's default): leader or all.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
-              default=None, help="Write results as JSON here.")
-@click.option("--physical-shards", "shard_counts", default="1,8", show_default=True,
-              help="Comma-separated physical shard counts; a fresh cluster for each.")
+              default=None, help="Write the report as JSON here (e.g. under bench/results/).")
+@click.option("--plots", "plots_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=None, help="Write throughput.png and latency-cdf.png here.")
 @click.pass_context
-def bench(ctx: click.Context, cluster_dir: Path, client_counts: str, duration_s: float,
-          value_bytes: int, json_path: Path | None, shard_counts: str) -> None:
+def bench(ctx: click.Context, cluster_dir: Path, targets: str, workloads: str,
+          client_counts: str, duration_s: float, distribution: str, records: int,
+          value_bytes: int, shard_counts: str, etcd_endpoints: str, json_path: Path | None,
+          plots_dir: Path | None) -> None:
     """Benchmarks against fresh local clusters.
 
-    Without a command: puts and strong gets at several client counts (the
-    options below belong to this one). ``raftkv bench reshard --help``: the
-    resharding benchmark.
+    Without a command: YCSB-style workloads against raftkv and a 3-member etcd
+    (installed when missing, or skipped with one line), one after the other,
+    each point in its own load generator process (the options below belong to
+    this one). Exit 0, or 1 if a point saw errors. ``raftkv bench reshard
+    --help``: the resharding benchmark; ``raftkv bench plot``: the plots of a
+    report.
     """
     if ctx.invoked_subcommand is not None:
         given = [p.opts[0] for p in ctx.command.params if ctx.get_parameter_source(p.name or "")
                  is click.core.ParameterSource.COMMANDLINE]
         if given:
-            raise click.UsageError(f"{', '.join(given)} belong(s) to the put/get benchmark; "
+            raise click.UsageError(f"{', '.join(given)} belong(s) to the YCSB benchmark; "
                                    f"give options after {ctx.invoked_subcommand!r}")
         return
-    from raftkv_cli.bench import run_bench
+    from raftkv_cli.bench import ETCD_ENDPOINTS, Options, run_bench
+    from raftkv_cli.ycsb import DISTRIBUTIONS, TARGETS, WORKLOADS, parse_counts, parse_names
 
-    counts = _int_list(client_counts, "--clients")
-    shards = _int_list(shard_counts, "--physical-shards")
-    sys.exit(run_bench(cluster_dir, counts, duration_s, value_bytes, json_path, shards))
+    try:
+        options = Options(
+            targets=parse_names(targets, TARGETS, "target"),
+            workloads=parse_names(workloads, list(WORKLOADS), "workload"),
+            clients=parse_counts(client_counts, "--clients"),
+            duration_s=duration_s,
+            distribution=parse_names(distribution, DISTRIBUTIONS, "distribution", one=True)[0],
+            records=records, value_bytes=value_bytes,
+            physical_shards=parse_counts(shard_counts, "--physical-shards"),
+            etcd_endpoints=parse_names(etcd_endpoints, list(ETCD_ENDPOINTS), "--etcd-endpoints",
+                                       one=True)[0])
+    except ValueError as exc:
+        fail(f"bench: {exc}", EXIT_USAGE)
+    try:
+        code = run_bench(cluster_dir, options, json_path, plots_dir)
+    except ClusterError as exc:
+        fail(str(exc), EXIT_UNAVAILABLE)
+    sys.exit(code)
+
+
+@bench.command("plot")
+@click.argument("report", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              required=True, help="Directory for throughput.png and latency-cdf.png.")
+def bench_plot(report: Path, out_dir: Path) -> None:
+    """Plot a ``raftkv bench --json`` REPORT: throughput against clients, and
+    the latency distribution at the highest client count, per workload."""
+    from raftkv_cli.bench_plot import write_plots
+
+    try:
+        data = json.loads(report.read_text())
+        if not data.get("results"):
+            fail(f"{report}: no results to plot", EXIT_USAGE)
+        paths = write_plots(data, out_dir)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        fail(f"{report}: not a raftkv bench report ({type(exc).__name__}: {exc})", EXIT_USAGE)
+    for path in paths:
+        click.echo(f"wrote {path}")
 
 
 @bench.command("reshard")
@@ -340,15 +397,31 @@ def bench_reshard(keys: int, from_shards: int, to_shards: int, value_bytes: int,
     sys.exit(code)
 
 
-def _int_list(text: str, option: str) -> list[int]:
+@bench.command("ceilings")
+@click.option("--duration-s", type=click.FloatRange(min=0.05), default=5.0, show_default=True,
+              help="Length of each measurement.")
+@click.option("--value-bytes", type=click.IntRange(1, 1 << 20), default=100, show_default=True)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="Write the results as JSON here.")
+@click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path),
+              default=None, help="Put the databases and journals under here (the disk "
+              "measured); default: the system's temporary directory. Deleted afterwards.")
+def bench_ceilings(duration_s: float, value_bytes: int, json_path: Path | None,
+                   directory: Path | None) -> None:
+    """What raftkv's components do alone on this machine: LevelDB writes
+    (plyvel), and one Raft group's commits (3 replica processes with the
+    project's journal, transport and settings) with a no-op apply and with
+    raftkv's apply.
+
+    Exit 0, or 1 if a measurement saw errors, 3 if the group could not start.
+    """
+    from raftkv_cli.bench_ceilings import run_ceilings
+
     try:
-        values = [int(c) for c in text.split(",") if c.strip()]
-    except ValueError:
-        raise click.BadParameter(f"not a list of integers: {text!r}",
-                                 param_hint=option) from None
-    if not values or min(values) < 1:
-        raise click.BadParameter("needs positive integers", param_hint=option)
-    return values
+        code = run_ceilings(duration_s, value_bytes, json_path, directory)
+    except ClusterError as exc:
+        fail(str(exc), EXIT_UNAVAILABLE)
+    sys.exit(code)
 
 
 register_admin(cli)

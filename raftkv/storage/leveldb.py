@@ -67,6 +67,13 @@ def write_file_durably(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
+def open_database(path: Path, *, error_if_exists: bool = False) -> Any:
+    """A plyvel database with the options every Store uses: plyvel's and
+    LevelDB's defaults. ``raftkv bench ceilings`` opens its raw database here
+    too, so its numbers are those of the options raftkv runs with."""
+    return plyvel.DB(str(path), create_if_missing=True, error_if_exists=error_if_exists)
+
+
 class Store:
     """A replica's LevelDB. Thread-safe: the Raft thread writes, others read."""
 
@@ -84,7 +91,7 @@ class Store:
             if stale.name != name:
                 shutil.rmtree(stale, ignore_errors=True)
         self._name = name
-        self._db = plyvel.DB(str(self.directory / name), create_if_missing=True)
+        self._db = open_database(self.directory / name)
         self._applied = decode_index(self._db.get(APPLIED_KEY))
         self._dumps_cancel = threading.Event()
 
@@ -163,7 +170,7 @@ class Store:
         name = f"db-{number:06d}"
         path = self.directory / name
         shutil.rmtree(path, ignore_errors=True)
-        fresh = plyvel.DB(str(path), create_if_missing=True, error_if_exists=True)
+        fresh = open_database(path, error_if_exists=True)
         try:
             batch = fresh.write_batch()
             for n, (key, value) in enumerate(pairs, 1):

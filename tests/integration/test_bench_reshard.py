@@ -106,7 +106,7 @@ def test_the_full_size_reshard_benchmark(bench_dir: Path) -> None:
 
 
 @pytest.mark.timeout(30)
-def test_options_of_the_put_get_benchmark_are_refused_before_reshard() -> None:
+def test_options_of_the_ycsb_benchmark_are_refused_before_reshard() -> None:
     result = bench("--clients", "4", "reshard", "--keys", "10", timeout_s=20)
     assert result.returncode == 2
-    assert "--clients belong(s) to the put/get benchmark" in result.stderr
+    assert "--clients belong(s) to the YCSB benchmark" in result.stderr

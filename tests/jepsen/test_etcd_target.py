@@ -1,9 +1,9 @@
 """The etcd target against a real 3-member etcd on 127.0.0.1 (no mocks).
 
-Each test gets its own cluster under ``tmp_path``, stopped at teardown
-whatever happened. When etcd is not installed and cannot be, the tests that
-need it skip with `EtcdUnavailable`'s message; the start-failure tests run
-anyway (they need no etcd).
+Each test gets its own cluster under ``tmp_path`` (tests/conftest.py),
+stopped at teardown whatever happened. When etcd is not installed and cannot
+be, the tests that need it skip with `EtcdUnavailable`'s message; the
+start-failure tests run anyway (they need no etcd).
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import random
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,8 +21,6 @@ from jepsen_lite.etcd import (
     EtcdCluster,
     EtcdStartError,
     EtcdTarget,
-    EtcdUnavailable,
-    ensure_etcd,
 )
 from jepsen_lite.history import Event, EventType
 from jepsen_lite.target import Completion, FaultError, Op
@@ -31,27 +28,10 @@ from jepsen_lite.target import Completion, FaultError, Op
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture(scope="module")
-def etcd_binary() -> Path:
-    try:
-        return ensure_etcd()
-    except EtcdUnavailable as exc:
-        pytest.skip(str(exc))
-
-
 @pytest.fixture
-def cluster(tmp_path: Path, etcd_binary: Path) -> Iterator[EtcdCluster]:
-    cluster = EtcdCluster(tmp_path / "etcd", size=3, binary=etcd_binary)
-    try:
-        cluster.start(timeout_s=30)
-        yield cluster
-    finally:
-        cluster.stop()
-        for member in cluster.members:  # shown by pytest when the test failed
-            log = cluster.log_path(member)
-            if log.exists():
-                tail = log.read_text(errors="replace").splitlines()[-15:]
-                print(f"----- {log} (last {len(tail)} lines) -----", *tail, sep="\n")
+def cluster(etcd_cluster: EtcdCluster) -> EtcdCluster:
+    """A started 3-member etcd (``etcd_cluster``, tests/conftest.py)."""
+    return etcd_cluster
 
 
 async def run_ops(target: EtcdTarget, process: int, *ops: Op) -> list[Completion]:

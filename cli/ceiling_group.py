@@ -71,7 +71,8 @@ class Writes:
     """Entries as the node's proposer builds them: ``per_entry`` client writes
     of one put each, from distinct clients, each client with its own
     sequence numbers (so dedup records are written and trimmed as for real
-    clients). The keys are ``raftkv bench``'s: 1,000 per client, reused."""
+    clients). Each client cycles over 1,000 keys of its own (the form of
+    ``raftkv bench``'s keys before its YCSB workloads)."""
 
     def __init__(self, run: int, per_entry: int, value_bytes: int) -> None:
         self.run = run

@@ -14,6 +14,7 @@ out, the error raised is indefinite if any attempt's outcome was unknown.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -65,6 +66,7 @@ log = logging.getLogger(__name__)
 _RETRY_DEFINITE = (NotLeader, Unavailable, Overloaded, ShardMoving)
 WATCH_WAIT_S = 20.0
 MAP_REFRESH_ON_NO_LEADER_S = 1.0
+MAP_REFRESH_BRIEF_S = 0.5  # a refresh inside an operation's retries waits no longer
 MOVING_BACKOFF_MAX_S = 0.02
 
 
@@ -400,6 +402,16 @@ class AsyncClient:
         assert self._map is not None
         return self._map
 
+    async def _refresh_map_briefly(self) -> None:
+        """A newer map if the shard manager answers within
+        ``MAP_REFRESH_BRIEF_S``; else the cached map stays. The groups serve
+        without the manager (a restarted node reopens its replicas from disk),
+        so an operation must not fail, nor wait out the whole retry budget,
+        because the manager is down."""
+        with trio.move_on_after(MAP_REFRESH_BRIEF_S), \
+                contextlib.suppress(ClusterUnavailable):
+            await self.shard_map(refresh=True)
+
     def _install(self, document: Any) -> None:
         if self._map is None or int(document["version"]) > self._map.version:
             self._map = ShardMap(document)
@@ -532,7 +544,7 @@ class AsyncClient:
                 self._rotate(route.shard)
                 if trio.current_time() - self._map_fetched_at > MAP_REFRESH_ON_NO_LEADER_S:
                     # No hint: maybe an election, maybe the replicas moved.
-                    await self.shard_map(refresh=True)
+                    await self._refresh_map_briefly()
             except ShardMoving as exc:
                 # The logical shard is cutting over to another group: back off and
                 # try again, at the group it is going to if the frozen one says

@@ -403,3 +403,34 @@ async def test_a_node_restarted_while_the_shard_manager_is_down_reopens_its_repl
                 while await local_values(cluster, "n1", mine, shard=shard) != [b"after"] * len(
                         mine):
                     await trio.sleep(0.2)
+
+
+@pytest.mark.timeout(90)
+async def test_a_client_goes_on_when_a_replica_knows_no_leader_and_the_manager_is_down(
+        make_cluster: ClusterFactory) -> None:
+    """A replica that knows no leader answers NOT_LEADER with no hint, and the
+    client then asks the shard manager for a newer map. With the manager down
+    the client must go on to the other replicas with the map it has: not fail,
+    and not wait out its whole retry budget (it once did both)."""
+    cluster = make_cluster(dcs=3, nodes_per_dc=1, physical_shards=1)
+    async with open_client(cluster.client_addresses(), watch_map=False) as kv:
+        await kv.put("k", b"before")  # the client now knows the leader
+        shard, old = next(iter((await in_thread(cluster.leaders)).items()))
+        # Cut the leader off from the other nodes: it steps down and, cut off,
+        # hears of no new leader, so it answers NOT_LEADER with no hint.
+        spec = cluster.fault_spec().isolate([old], cluster.node_ids)
+        assert await in_thread(cluster.set_fault_spec, spec) == []
+        with trio.fail_after(30):
+            while True:
+                roles = (await shard_statuses(cluster))[old]
+                leaders = await in_thread(cluster.leaders)
+                if roles[shard]["role"] != "leader" and leaders.get(shard) not in (None, old):
+                    break
+                await trio.sleep(0.2)
+        for manager_id in cluster.manager_ids:
+            await in_thread(cluster.kill_node, manager_id)
+        started = trio.current_time()
+        await kv.put("k", b"after")
+        elapsed = trio.current_time() - started
+        assert elapsed < 5, f"the put took {elapsed:.1f} s"
+        assert await kv.get("k") == b"after"

@@ -604,6 +604,7 @@ class Replica:
             self.transport = made[0]
             self.transport.on_reads = self._serve_reads
             self._read_round_queued = False
+            self._committed_in_term: int | None = None  # a term whose entry is committed
             self._poller.member = self.transport
             self.transport.attached()
             self.hub.add(self.transport)
@@ -666,13 +667,10 @@ class Replica:
         on the caller's thread. It must not block."""
 
         def callback(result: Any, reason: int) -> None:
-            try:
-                if reason == FAIL_REASON.SUCCESS:
-                    on_done(result, None)
-                else:
-                    on_done(None, error_for_fail_reason(reason, self.leader_hint()))
-            except BaseException:
-                log.exception("shard %d: result callback failed", self.shard_id)
+            if reason == FAIL_REASON.SUCCESS:
+                self._call(on_done, result, None)
+            else:
+                self._call(on_done, None, error_for_fail_reason(reason, self.leader_hint()))
 
         if not self._group._isLeader():
             callback(None, FAIL_REASON.NOT_LEADER)
@@ -698,7 +696,7 @@ class Replica:
             self._fail_reads([on_done])
             return
         term, commit = self.transport.reads.term, int(group.raftCommitIndex)
-        self.transport.reads.request(term, commit, self._term_of(commit) == term, on_done)
+        self.transport.reads.request(term, commit, self._commit_in_term(term, commit), on_done)
         if not self._read_round_queued:
             # Reads queued on the hub until this call runs share one round.
             self._read_round_queued = True
@@ -723,7 +721,7 @@ class Replica:
             return
         commit = int(group.raftCommitIndex)
         if reads.unindexed:
-            reads.commit_advanced(term, commit, self._term_of(commit) == term)
+            reads.commit_advanced(term, commit, self._commit_in_term(term, commit))
         voters = len(self.transport.peer_addresses()) + 1
         for on_read, index in reads.ready(voters, int(group.raftLastApplied)):
             self._call(on_read, {"i": index}, None)
@@ -734,9 +732,16 @@ class Replica:
             for on_read in failed:
                 self._call(on_read, None, error)
 
-    def _term_of(self, index: int) -> int | None:
-        entries = self._group._SyncObj__getEntries(index, 1)
-        return int(entries[0][2]) if entries else None
+    def _commit_in_term(self, term: int, commit: int) -> bool:
+        """The entry at the commit index is of ``term``. Once one is, every later
+        commit index of the term is too (a leader appends only its own term's
+        entries), so the log is looked up only until then."""
+        if self._committed_in_term != term:
+            entries = self._group._SyncObj__getEntries(commit, 1)
+            if not entries or int(entries[0][2]) != term:
+                return False
+            self._committed_in_term = term
+        return True
 
     def _call(self, on_done: OnDone, result: Any, error: RaftKVError | None) -> None:
         try:

@@ -156,3 +156,19 @@ def test_reads_interleaved_with_writes_see_each_acknowledged_write(
         result, error = read_index(leader)
         assert error is None and result is not None
         assert leader.store.get(key(b"n%d" % seq)) == b"v"
+
+
+def test_closing_a_replica_fails_its_pending_reads(faulty_group: MakeGroup) -> None:
+    group = faulty_group(3)
+    leader = group.leader()
+    commit(leader, 1, b"k")
+    # Cut off, the leader can confirm no round: the read stays pending.
+    group.net.spec = group.net.spec.isolate([leader.self_address], group.addresses)
+    answers: list[tuple[Any, RaftKVError | None]] = []
+    leader.read_index(lambda r, e: answers.append((r, e)))
+    wait_for(lambda: leader.transport.reads.pending == 1, timeout_s=2)
+    assert answers == []
+    leader.destroy()
+    assert len(answers) == 1
+    result, error = answers[0]
+    assert result is None and error is not None and error.code == "UNAVAILABLE", answers

@@ -36,7 +36,6 @@ import math
 import os
 import platform
 import random
-import resource
 import shutil
 import subprocess
 import tempfile
@@ -55,7 +54,7 @@ from raftkv.localcluster import LocalCluster, kill_processes_of
 from raftkv.protocol.messages import PutOp
 from raftkv_cli.bench import wait_balanced
 from raftkv_cli.reshard import start_workers, stop_workers
-from raftkv_cli.workload import percentile
+from raftkv_cli.workload import percentile, process_cpu_s
 from shardmgr.moves import RESHARD_DONE, RESHARD_LIVE
 
 KEYSPACE = "default"
@@ -285,11 +284,6 @@ def _proc_cpu_s(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _self_cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
 def _machine_busy_s() -> float:
     """CPU seconds every process on the machine has used (all cores), or 0."""
     try:
@@ -305,7 +299,7 @@ def cpu_sample(cluster: LocalCluster,
     """CPU seconds used so far by the managers, nodes, workers, this process,
     and the whole machine (``machine``: so other jobs on it show), taken at
     ``at`` (monotonic seconds)."""
-    out = {"managers": 0.0, "nodes": 0.0, "workers": 0.0, "loadgen": _self_cpu_s(),
+    out = {"managers": 0.0, "nodes": 0.0, "workers": 0.0, "loadgen": process_cpu_s(),
            "machine": _machine_busy_s(), "at": time.monotonic()}
     pids = [("managers", cluster.pid(m)) for m in cluster.manager_ids]
     pids += [("nodes", cluster.pid(n)) for n in cluster.node_ids]

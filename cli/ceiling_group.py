@@ -36,7 +36,6 @@ import functools
 import json
 import logging
 import os
-import resource
 import sys
 import threading
 import time
@@ -50,7 +49,7 @@ from raftkv.server.node import GIL_SWITCH_INTERVAL_S
 from raftkv.sharding import logical_shard
 from raftkv.statemachine.apply import ApplyFn, ApplyOutput, StateView, apply_entry
 from raftkv.statemachine.commands import PUT, Mutation, Own, Write, encode_commands
-from raftkv_cli.workload import percentile
+from raftkv_cli.workload import percentile, process_cpu_s
 
 SECRET_ENV = "RAFTKV_CEILINGS_SECRET"  # noqa: S105 - the variable's name; the value is random
 KEYSPACE, KEYSPACE_ID, LOGICAL_SHARDS = "default", 1, 256
@@ -189,8 +188,7 @@ class Member:
         self.runs = 0
 
     def status(self, _request: dict[str, Any]) -> dict[str, Any]:
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        return {"leader": self.replica.is_leader, "cpu_s": usage.ru_utime + usage.ru_stime}
+        return {"leader": self.replica.is_leader, "cpu_s": process_cpu_s()}
 
     def prepare(self, request: dict[str, Any]) -> dict[str, Any]:
         if self.apply == "raftkv":

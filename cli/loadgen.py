@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import json
 import random
-import resource
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -31,6 +30,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Final, Protocol
 
+from raftkv_cli.workload import process_cpu_s
 from raftkv_cli.ycsb import (
     READ,
     WORKLOADS,
@@ -75,11 +75,6 @@ class Recorder:
     read_misses: int = 0
 
 
-def cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
 async def client_loop(driver: Driver, ops: OpStream, value: bytes, deadline: float,
                       recorder: Recorder) -> None:
     """Issue operations one at a time until ``deadline`` (perf_counter)."""
@@ -118,10 +113,10 @@ async def measure(driver: Driver, spec: dict[str, Any], gather: Gather) -> dict[
 
     await gather([partial(warm, c) for c in range(clients)])
     recorder = Recorder()
-    cpu_before, wall_before = cpu_s(), time.perf_counter()
+    cpu_before, wall_before = process_cpu_s(), time.perf_counter()
     deadline = wall_before + float(spec["duration_s"])
     await gather([partial(client_loop, driver, s, value, deadline, recorder) for s in streams])
-    elapsed_s, used_s = time.perf_counter() - wall_before, cpu_s() - cpu_before
+    elapsed_s, used_s = time.perf_counter() - wall_before, process_cpu_s() - cpu_before
     result: dict[str, Any] = summarize(recorder.latencies_s, recorder.errors, elapsed_s, used_s)
     result.update(reads=recorder.reads, updates=recorder.updates,
                   read_misses=recorder.read_misses)

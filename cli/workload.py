@@ -1,9 +1,17 @@
-"""Percentiles, the one definition ``raftkv demo`` and the benchmarks share."""
+"""What ``raftkv demo`` and the benchmarks share: percentiles, and this
+process's CPU time."""
 
 from __future__ import annotations
 
 import math
+import resource
 from collections.abc import Sequence
+
+
+def process_cpu_s() -> float:
+    """CPU seconds this process has used (user and system, every thread)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def percentile(values: Sequence[float], q: float) -> float:

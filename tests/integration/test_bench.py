@@ -38,9 +38,13 @@ RESULT_FIELDS = {
 }
 
 
-def raftkv(*args: str, timeout_s: float) -> subprocess.CompletedProcess[str]:
+def raftkv(*args: str, timeout_s: float,
+           path_first: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """The CLI in a subprocess (``path_first``: a folder put before PATH)."""
     command = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "raftkv_cli.main"]
     env = {k: v for k, v in os.environ.items() if k != "RAFTKV_CLUSTER"}
+    if path_first is not None:
+        env["PATH"] = f"{path_first}{os.pathsep}{env.get('PATH', '')}"
     return subprocess.run([*command, *args], capture_output=True, text=True,
                           timeout=timeout_s, env=env, stdin=subprocess.DEVNULL, check=False)
 
@@ -141,6 +145,8 @@ def check_result(result: dict[str, Any], target: str, workload: str) -> None:
     assert sum(count for _, count in result["histogram"]["buckets"]) == result["ops"]
     if workload == "write":
         assert result["reads"] == 0 and result["updates"] == result["ops"]
+    elif workload == "C":
+        assert result["updates"] == 0 and result["reads"] == result["ops"]
     else:
         assert result["reads"] > 0 and result["updates"] > 0
     assert result.get("read_misses", 0) == 0  # every key was loaded first
@@ -182,6 +188,28 @@ def test_a_tiny_side_by_side_run(bench_dir: Path, tmp_path: Path) -> None:
     replot = raftkv("bench", "plot", str(out), "--out", str(tmp_path / "again"), timeout_s=60)
     assert replot.returncode == 0, replot.stderr
     assert (tmp_path / "again" / "latency-cdf.png").exists()
+
+
+@pytest.mark.timeout(120)
+def test_an_etcd_that_cannot_start_is_skipped_in_one_line_and_raftkv_still_runs(
+        bench_dir: Path, tmp_path: Path) -> None:
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "etcd").write_text("#!/bin/sh\necho 'etcd: cannot start here' >&2\nexit 1\n")
+    (fake / "etcd").chmod(0o755)
+    out = tmp_path / "report.json"
+    run = raftkv("bench", "--dir", str(bench_dir), "--target", "etcd,raftkv",
+                 "--workload", "C", "--clients", "2", "--duration-s", "0.3",
+                 "--records", "20", "--json", str(out), timeout_s=110, path_first=fake)
+    assert run.returncode == 0, run.stdout + run.stderr
+    skipped = [line for line in run.stdout.splitlines() if line.startswith("etcd: skipped: ")]
+    assert len(skipped) == 1, run.stdout
+    report = json.loads(out.read_text())
+    assert set(report["skipped"]) == {"etcd"}
+    assert [(r["target"], r["workload"]) for r in report["results"]] == [("raftkv", "C")]
+    check_result(report["results"][0], "raftkv", "C")
+    assert report["ratios"] == []
+    assert processes_using(bench_dir) == []
 
 
 @pytest.mark.timeout(60)

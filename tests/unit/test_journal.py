@@ -296,3 +296,30 @@ def test_reopening_syncs_what_a_killed_process_left_in_the_page_cache(tmp_path: 
     again = DurableJournal(tmp_path, sync_fn=lambda fd: calls.append(os.lseek(fd, 0, os.SEEK_CUR)))
     assert len(entries(again)) == 3 and again.durable_index == 3
     assert calls and calls[-1] > 0  # synced up to the end of the records read back
+
+
+def test_the_commit_index_is_kept_without_any_fsync(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """pysyncobj stores its commit index once a second on the Raft thread that
+    every group shares: a hint (Raft keeps none on disk), so no fsync of a
+    file or directory that could stall every group behind the disk."""
+    j = DurableJournal(tmp_path)
+    j.setRaftCommitIndex(42)
+    fsyncs: list[int] = []
+    monkeypatch.setattr(os, "fsync", fsyncs.append)
+    monkeypatch.setattr(os, "fdatasync", fsyncs.append)
+    j.onOneSecondTimer()
+    assert fsyncs == []
+    monkeypatch.undo()
+    assert reopen(j).getRaftCommitIndex() == 42
+
+
+def test_a_torn_commit_index_file_is_ignored(tmp_path: Path) -> None:
+    j = DurableJournal(tmp_path)
+    j.setCurrentTerm(3, "a")
+    j.setRaftCommitIndex(7)
+    j._destroy()
+    (tmp_path / "commit").write_bytes(b"\x07")  # torn: a crash mid-replace
+    again = DurableJournal(tmp_path)
+    assert again.getRaftCommitIndex() == 1  # the leader tells it again
+    assert (again.getCurrentTerm(), again.getVotedForNodeId()) == (3, "a")

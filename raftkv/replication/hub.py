@@ -9,18 +9,13 @@ instead runs one loop per process:
 
 1. wait on one epoll for sockets, the groups' command pipes and the wake pipe,
    and hand each received message to its group (``member.deliver``);
-2. send the sync batches whose syncs are done (below);
-3. tick the groups that got something (every group once per tick period, for
-   heartbeats and elections): pysyncobj's ``doTick``. A leader whose journal
-   is not all on disk is not ticked until it is (``tick_deferred``);
-4. send what the ticks queued that may leave at once (a leader's
+2. tick the groups that got something (every group once per tick period, for
+   heartbeats and elections): pysyncobj's ``doTick``;
+3. send what the ticks queued that may leave at once (a leader's
    append-entries), one frame per peer process for all groups;
-5. seal the round's sync batch: every journal with unsynced entries starts a
-   sync on the sync threads, and the messages that must wait for it (a
-   follower's ack: an ack only ever covers entries on disk; DESIGN section 5)
-   are held in the batch. The loop does not wait: while the disk works it
-   goes on receiving, appending and ticking. A batch is sent when its syncs
-   and every earlier batch's are done, so held messages leave in order.
+4. sync every journal with unsynced entries;
+5. send what had to wait for that sync (a follower's ack: an ack only ever
+   covers entries on disk; DESIGN section 5).
 
 Sockets, frames and keys are in ``wire.py``; a group's side (durability and
 fault rules) is ``replica._HubTransport``. Everything here runs on the hub
@@ -61,14 +56,9 @@ class HubMember(Protocol):
     def peer_link(self, hub_address: str, up: bool) -> None: ...
     def tick(self) -> None: ...
     @property
-    def tick_deferred(self) -> bool: ...
-    def seal(self) -> int | None: ...
-    @property
-    def synced_gen(self) -> int: ...
-    @property
-    def sync_failed(self) -> bool: ...
-    @property
-    def closed(self) -> bool: ...
+    def unsynced(self) -> bool: ...
+    def sync(self) -> None: ...
+    def end_round(self) -> None: ...
     def release_due(self, now: float) -> float | None: ...
 
 
@@ -102,67 +92,6 @@ class _Incoming:
         self.started = time.monotonic()
 
 
-class _SyncBatch:
-    """One round's held messages, and the journal syncs they wait for."""
-
-    __slots__ = ("id", "late", "targets")
-
-    def __init__(self, batch_id: int, targets: list[tuple[HubMember, int]],
-                 late: dict[str, list[wire.Message]]) -> None:
-        self.id = batch_id
-        self.targets = targets  # (member, journal generation its sync must reach)
-        self.late = late  # hub address -> messages
-
-
-class _SyncBatches:
-    """The sealed batches, oldest first: a batch is done when each of its
-    members' journals has synced up to its target, and it is sent only after
-    every earlier one. After a failed sync nothing is ever done again."""
-
-    def __init__(self, address: str) -> None:
-        self.address = address
-        self.queue: collections.deque[_SyncBatch] = collections.deque()
-        self.open = 1  # the id the round's batch gets when sealed
-        self.released = 0  # every batch up to this id has been sent
-        self.sealed = 0
-        self.halted = False
-
-    def seal(self, members: Iterable[HubMember], late: dict[str, list[wire.Message]]) -> bool:
-        """Start the syncs of every journal with unsynced entries and hold
-        ``late`` until they are done; False if there was nothing to hold."""
-        targets = []
-        for member in members:
-            target = member.seal()
-            if target is not None:
-                targets.append((member, target))
-        if not targets and not late:
-            return False
-        self.queue.append(_SyncBatch(self.open, targets, late))
-        self.open += 1
-        self.sealed += 1
-        return True
-
-    def done(self) -> list[_SyncBatch]:
-        """Take the batches that may be sent now, in order."""
-        out: list[_SyncBatch] = []
-        while self.queue and not self.halted:
-            batch = self.queue[0]
-            for member, target in batch.targets:
-                if member.sync_failed:
-                    # The node stops (the member said so); what is held here
-                    # may describe entries that never reached the disk.
-                    self.halted = True
-                    log.critical("Raft hub %s: a journal sync failed; holding every "
-                                 "acknowledgement from now on", self.address)
-                    return out
-                if member.synced_gen < target and not member.closed:
-                    return out  # (a closed journal was synced as it closed)
-            self.queue.popleft()
-            self.released = batch.id
-            out.append(batch)
-        return out
-
-
 class RaftHub:
     """The Raft transport of one process. ``route(raft_address)`` names the
     hub (``host:port``) of the process hosting a group member, or ``None`` if
@@ -191,8 +120,6 @@ class RaftHub:
         self._next_due = float("inf")
         self._early: dict[str, list[wire.Message]] = collections.defaultdict(list)
         self._late: dict[str, list[wire.Message]] = collections.defaultdict(list)
-        self._batches = _SyncBatches(address)
-        self._deferred: set[HubMember] = set()  # leaders whose tick waits for a sync
         self._local: list[wire.Message] = []
         self._outgoing: dict[str, _Outgoing] = {}
         self._last_attempt: dict[str, float] = {}
@@ -207,9 +134,12 @@ class RaftHub:
         self._recv_buffer = bytearray(self.RECV_BYTES)
         self._recv_view = memoryview(self._recv_buffer)
         self._sync_pool: concurrent.futures.ThreadPoolExecutor | None = None
-        # counters, for stats()
-        self.frames_sent = self.messages_sent = self.messages_dropped = 0
-        self.ticks = self.rounds = self.messages_received = 0
+        self.frames_sent = 0
+        self.messages_sent = 0
+        self.messages_dropped = 0
+        self.ticks = 0
+        self.rounds = 0
+        self.messages_received = 0
         self._epoll = select.epoll()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.subscribe(self._wake_r, self._drain_wake, select.EPOLLIN)
@@ -266,7 +196,7 @@ class RaftHub:
         """Counters since start (read from any thread; each is one int)."""
         return {"groups": len(self._members), "peer_connections": sum(
                     o.state == "up" for o in list(self._outgoing.values())),
-                "rounds": self.rounds, "ticks": self.ticks, "batches": self._batches.sealed,
+                "rounds": self.rounds, "ticks": self.ticks,
                 "frames_sent": self.frames_sent, "messages_sent": self.messages_sent,
                 "messages_received": self.messages_received,
                 "messages_dropped": self.messages_dropped}
@@ -301,9 +231,9 @@ class RaftHub:
         self._outgoing.clear()
         self._incoming.clear()
         self._listener.close()
-        if self._sync_pool is not None:
-            self._sync_pool.shutdown(wait=True)  # before the wake pipe closes
         self._close_fds()
+        if self._sync_pool is not None:
+            self._sync_pool.shutdown(wait=True)
 
     def _close_fds(self) -> None:
         for fd in (self._wake_r, self._wake_w):
@@ -329,7 +259,6 @@ class RaftHub:
             if self._members.get(member.address) is member:
                 del self._members[member.address]
             self._touched.discard(member)
-            self._deferred.discard(member)
             self._delaying.discard(member)
             self._wanted_dirty = True
             if then is not None:
@@ -356,29 +285,6 @@ class RaftHub:
 
     def enqueue(self, hub_address: str, message: wire.Message, late: bool) -> None:
         (self._late if late else self._early)[hub_address].append(message)
-
-    @property
-    def open_batch(self) -> int:
-        """The id the round's sync batch will have (what is late now joins it)."""
-        return self._batches.open
-
-    @property
-    def released_batch(self) -> int:
-        """Every sync batch up to this id has been sent."""
-        return self._batches.released
-
-    def wake(self) -> None:
-        """(Any thread) Have the loop run a round soon."""
-        with contextlib.suppress(OSError):
-            os.write(self._wake_w, b"x")
-
-    def run_sync(self, fn: Callable[[], None]) -> None:
-        """(Any thread) Run ``fn`` on a sync thread (fdatasync releases the GIL)."""
-        if self._sync_pool is None:
-            self._sync_pool = concurrent.futures.ThreadPoolExecutor(
-                self.SYNC_THREADS, thread_name_prefix=f"{self._thread.name}-sync")
-        with contextlib.suppress(RuntimeError):  # the pool is shut down: closing
-            self._sync_pool.submit(fn)
 
     def wake_at(self, member: HubMember, due: float) -> None:
         self._delaying.add(member)
@@ -428,8 +334,6 @@ class RaftHub:
                 local, self._local = self._local, []
                 for message in local:
                     self._deliver(message)
-            if self._batches.queue:
-                self._release_batches()
             now = time.monotonic()
             if now >= next_all:
                 members: Iterable[HubMember] = list(self._members.values())
@@ -438,31 +342,36 @@ class RaftHub:
                 members = list(self._touched)
             self._touched.clear()
             for member in members:
-                if member.tick_deferred:
-                    self._deferred.add(member)
-                    continue
                 self.ticks += 1
                 self._guard(member.tick)
             if self._delaying and now >= self._next_due:
                 self._release_delayed(now)
             self._flush(self._early)
-            if self._batches.seal(self._members.values(), self._late):
-                self._late = collections.defaultdict(list)
-            if self._batches.queue:
-                self._release_batches()
+            self._sync_journals()
+            self._flush(self._late)
             if now >= next_connect or self._wanted_dirty:
                 self._maintain_connections(now)
                 next_connect = now + min(self.connection_retry_s, self.connection_timeout_s) / 2
 
-    def _release_batches(self) -> None:
-        """Send the held messages of the sync batches that are done; the
-        leaders whose tick waited for a sync may tick again."""
-        released = self._batches.done()
-        for batch in released:
-            self._flush(batch.late)
-        if released and self._deferred:
-            self._touched |= self._deferred
-            self._deferred.clear()
+    def _sync_journals(self) -> None:
+        """Sync every journal with unsynced entries, in parallel (fdatasync
+        releases the GIL; one after the other, eight groups wait for eight
+        flushes in a row)."""
+        dirty = []
+        for member in self._members.values():
+            if member.unsynced:
+                dirty.append(member)
+            member.end_round()
+        if len(dirty) > 1:
+            if self._sync_pool is None:
+                self._sync_pool = concurrent.futures.ThreadPoolExecutor(
+                    self.SYNC_THREADS, thread_name_prefix=f"{self._thread.name}-sync")
+            pending = [self._sync_pool.submit(member.sync) for member in dirty[1:]]
+            self._guard(dirty[0].sync)
+            for future in pending:
+                self._guard(future.result)
+        elif dirty:
+            self._guard(dirty[0].sync)
 
     @staticmethod
     def _guard(fn: Callable[..., Any], *args: Any) -> None:

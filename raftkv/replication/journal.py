@@ -4,21 +4,11 @@ pysyncobj's own FileJournal is an mmap that is never msync'd, and its term/vote
 meta file is renamed without fsync: an acknowledged write can vanish on a
 crash. This journal implements the same interface, with:
 
-- **append without sync; sync while appends go on.** Appends run on the
-  Raft thread and never wait for a sync. ``seal()`` (Raft thread) marks how
-  far the next sync must reach; ``sync_sealed()`` (a sync thread) makes that
-  much durable, while the Raft thread goes on appending to the same file.
-  ``synced_gen`` and ``durable_index`` say how far the journal is on disk,
-  so the replica's transport lets an ack leave only once the entries it
-  covers are (group commit: one fdatasync covers every entry appended before
-  its seal). ``sync()`` makes everything durable at once, for a lone node
-  before it applies and for the rare paths below.
-- **the file descriptor** is closed or replaced (a new segment, a
-  truncation, close) only under ``_fd_lock``, after a sync of all that was
-  appended, and a sync thread holds that lock across its fdatasync: so a
-  sync never runs on a closed or reused descriptor, and entries appended
-  before a truncation are durable before it (an ack already queued for them
-  stays true).
+- **append without sync, ``sync()`` before anything leaves the node.** The
+  replica's transport calls ``sync()`` before every message it sends, so a
+  follower's ack and a leader's append-entries go out only once the entries
+  they cover are on disk (group commit: one fdatasync covers every entry
+  appended since the last one). A lone node syncs before it applies.
 - **segments**: records go to ``seg-NNNNNNNN.log`` files; compaction
   (``deleteEntriesTo``) and ``clear`` start a new segment and record in the meta
   file where the log begins, then delete whole segments, so neither rewrites data.
@@ -51,6 +41,9 @@ crash. This journal implements the same interface, with:
   which every group of the process shares, never waits on the disk for it
   (a directory fsync can take tens of ms while a move writes). A torn or
   missing file is ignored.
+- **reopening** fdatasyncs each segment it reads back: after kill -9 the
+  page cache may hold records that never reached the disk, and an ack
+  sent after the restart must not describe them.
 """
 
 from __future__ import annotations
@@ -92,13 +85,7 @@ class DurableJournal(Journal):  # type: ignore[misc]
         self.truncations = 0
         self.directory.mkdir(parents=True, exist_ok=True)
         self._sync_fn = sync_fn
-        # Held across every fdatasync and every close or swap of the descriptor.
-        self._fd_lock = threading.Lock()
-        # Generations: ``_appended`` counts appends and truncations; a sync
-        # makes everything up to some generation durable.
-        self._appended = 0
-        self._synced = 0
-        self._sealed: tuple[int, int] = (0, 0)  # (generation, last index) to reach
+        self._lock = threading.Lock()
         self.durable_index = 0  # every entry up to this index is on disk
         self._meta_path = self.directory / "meta"
         self._meta: dict[str, Any] = self._load_meta()
@@ -114,6 +101,7 @@ class DurableJournal(Journal):  # type: ignore[misc]
         self._fd = -1
         self._offset = 0
         self._allocated = 0
+        self._dirty = False
         self.syncs = 0
         self._load()
 
@@ -234,64 +222,24 @@ class DurableJournal(Journal):  # type: ignore[misc]
             fsync_dir(self.directory)
 
     def _new_segment(self) -> None:
-        with self._fd_lock:
-            self._sync_locked()
-            self._open_segment(self._segment + 1, 0)
+        self.sync()
+        self._open_segment(self._segment + 1, 0)
 
     # -- durability -------------------------------------------------------------
 
     def sync(self) -> None:
-        """Make every appended entry durable now. Cheap when nothing is pending."""
-        with self._fd_lock:
-            self._sync_locked()
-
-    def _sync_locked(self) -> None:
-        if self._synced < self._appended and self._fd >= 0:
-            target, last = self._appended, self._last_index()
-            self._sync_fn(self._fd)
-            self._synced = target
-            self.durable_index = last
-            self.syncs += 1
-
-    def _last_index(self) -> int:
-        return self._entries[-1][1] if self._entries else 0
-
-    def seal(self) -> int | None:
-        """(Raft thread) Mark everything appended so far for the next
-        ``sync_sealed``; the generation it reaches, or None if all is synced."""
-        if self._synced >= self._appended:
-            return None
-        self._sealed = (self._appended, self._last_index())
-        return self._appended
-
-    def sync_sealed(self) -> None:
-        """(A sync thread) Make everything up to the last seal durable. The
-        Raft thread may append meanwhile: what it appends after the seal is
-        left for the next one."""
-        with self._fd_lock:
-            target, last = self._sealed
-            if self._synced >= target or self._fd < 0:
-                return  # done already (by a sync of all, or the journal closed)
-            self._sync_fn(self._fd)
-            self._synced = target
-            self.durable_index = last
-            self.syncs += 1
+        """Make every appended entry durable. Cheap when nothing is pending."""
+        with self._lock:
+            if self._dirty:
+                last = self._entries[-1][1] if self._entries else 0
+                self._sync_fn(self._fd)
+                self._dirty = False
+                self.durable_index = last
+                self.syncs += 1
 
     @property
     def unsynced(self) -> bool:
-        return self._synced < self._appended
-
-    @property
-    def synced_gen(self) -> int:
-        return self._synced
-
-    @property
-    def sealed_gen(self) -> int:
-        return self._sealed[0]
-
-    @property
-    def closed(self) -> bool:
-        return self._fd < 0
+        return self._dirty
 
     # -- pysyncobj Journal interface -----------------------------------------
 
@@ -315,20 +263,19 @@ class DurableJournal(Journal):  # type: ignore[misc]
                     self.on_conflict(idx)
         body = struct.pack("<QQ", idx, term) + command
         record = struct.pack("<II", len(body), zlib.crc32(body)) + body
-        # No lock: only this thread writes or swaps the descriptor; a sync
-        # thread's fdatasync on it may run meanwhile (see the module doc).
-        if self._offset + len(record) > self._allocated:
-            grow = max(PREALLOCATE_BYTES, len(record))
-            os.pwrite(self._fd, _ZEROS if grow == PREALLOCATE_BYTES else bytes(grow),
-                      self._allocated)
-            self._allocated += grow
-        os.write(self._fd, record)
-        self._entries.append((command, idx, term))
-        self._positions.append((self._segment, self._offset))
-        self._sizes.append(len(record))
-        self.bytes += len(record)
-        self._offset += len(record)
-        self._appended += 1
+        with self._lock:
+            if self._offset + len(record) > self._allocated:
+                grow = max(PREALLOCATE_BYTES, len(record))
+                os.pwrite(self._fd, _ZEROS if grow == PREALLOCATE_BYTES else bytes(grow),
+                          self._allocated)
+                self._allocated += grow
+            os.write(self._fd, record)
+            self._entries.append((command, idx, term))
+            self._positions.append((self._segment, self._offset))
+            self._sizes.append(len(record))
+            self.bytes += len(record)
+            self._offset += len(record)
+            self._dirty = True
 
     def clear(self) -> None:
         self._kept_from = None
@@ -357,27 +304,23 @@ class DurableJournal(Journal):  # type: ignore[misc]
         return self._entries[kept_from:]
 
     def _truncate(self, entryFrom: int) -> None:
-        with self._fd_lock:
-            # First make durable all that was appended: an ack for it may be
-            # queued behind a seal whose sync has not run yet.
-            self._sync_locked()
-            self.truncations += 1
-            segment, offset = self._positions[entryFrom]
-            del self._entries[entryFrom:]
-            del self._positions[entryFrom:]
-            self.bytes -= sum(self._sizes[entryFrom:])
-            del self._sizes[entryFrom:]
-            # Later segments first: a crash in between leaves a valid, longer prefix.
-            for number in self._segments_on_disk():
-                if number > segment:
-                    if number == self._segment:
-                        os.close(self._fd)
-                        self._fd = -1
-                    self._segment_path(number).unlink()
-            fsync_dir(self.directory)
-            self._open_segment(segment, offset)
-            self.durable_index = min(self.durable_index, self._last_index())
-            self._appended += 1  # the cut itself is synced with the next entries
+        self.truncations += 1
+        segment, offset = self._positions[entryFrom]
+        del self._entries[entryFrom:]
+        del self._positions[entryFrom:]
+        self.bytes -= sum(self._sizes[entryFrom:])
+        del self._sizes[entryFrom:]
+        # Later segments first: a crash in between leaves a valid, longer prefix.
+        for number in self._segments_on_disk():
+            if number > segment:
+                if number == self._segment:
+                    os.close(self._fd)
+                    self._fd = -1
+                self._segment_path(number).unlink()
+        fsync_dir(self.directory)
+        self._open_segment(segment, offset)
+        self.durable_index = min(self.durable_index, self._entries[-1][1] if self._entries else 0)
+        self._dirty = True
 
     def deleteEntriesTo(self, entryTo: int) -> None:
         """Drop entries before position ``entryTo`` (log compaction)."""
@@ -411,13 +354,12 @@ class DurableJournal(Journal):  # type: ignore[misc]
         return len(self._entries)
 
     def _destroy(self) -> None:
-        with self._fd_lock:
-            self._sync_locked()
-            if self._commit_dirty:
-                self._store_commit()
-            if self._fd >= 0:
-                os.close(self._fd)
-                self._fd = -1
+        self.sync()
+        if self._commit_dirty:
+            self._store_commit()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
     def setRaftCommitIndex(self, raftCommitIndex: int) -> None:
         if self._commit != raftCommitIndex:

@@ -184,17 +184,14 @@ class _HubTransport(Transport):  # type: ignore[misc]
 
     **Durability.** No acknowledgement of log entries leaves before those
     entries are synced. A follower's ``next_node_idx`` (its ack) is queued as
-    *late* while the journal holds unsynced entries: the hub holds late
-    messages in the round's sync batch and sends them once that batch's
-    journal syncs, and every earlier batch's, are done (group commit: one
-    sync covers every entry appended before the round's seal). The hub does
-    not wait for those syncs: it goes on receiving, appending and ticking.
-    A leader's append-entries are *early* and go out before its own sync, so
-    followers write in parallel with the leader (as Raft allows). pysyncobj
-    counts the leader's own log toward a commit, so a leader is not ticked
-    while its journal holds unsynced entries (``tick_deferred``). Once one
-    message of the group is late, its later messages are late too until that
-    batch is sent, so messages never overtake each other.
+    *late* while the journal holds unsynced entries: the hub sends late
+    messages only after this round's journal syncs, one sync covering every
+    entry appended in the round (group commit). A leader's append-entries are
+    *early* and go out before its own sync, so followers write in parallel
+    with the leader (as Raft allows): the leader counts its own log toward a
+    commit only in its next tick, after this round's sync. Once one message
+    of the group is late, the rest of its round is late too, so messages
+    never overtake each other.
 
     **Fault injection** (DESIGN section 8), only when ``link`` is given.
     ``link(peer_address)`` says, per message, whether the link to that peer
@@ -234,12 +231,8 @@ class _HubTransport(Transport):  # type: ignore[misc]
         self._round_open = False  # a read round started, not yet on every peer's heartbeat
         self._stamped: set[str] = set()  # the peers that got the open round
         self._attached = False
-        self._late_until = 0  # the hub's batch holding this group's last late message
-        self._sync_lock = threading.Lock()
-        self._syncing = False  # a sync of the journal is queued or running
-        self.sync_failed = False
-        # per peer: (due, message, late, ordered), in sending order
-        self._delayed: dict[str, collections.deque[tuple[float, Any, bool, bool]]] = {}
+        self._late = False  # a message of this round waits for the sync
+        self._delayed: dict[str, collections.deque[tuple[float, Any]]] = {}
         self._delayed_count = 0
         self.dropped_cut_out = 0
         self.dropped_cut_in = 0
@@ -270,22 +263,19 @@ class _HubTransport(Transport):  # type: ignore[misc]
             message["ri"] = self.reads.started
             if self._round_open:
                 self._stamped.add(str(node.address))
-        late = message.get("type") in self._WAIT_FOR_SYNC and self._journal.unsynced
+        late = self._late or (message.get("type") in self._WAIT_FOR_SYNC
+                              and self._journal.unsynced)
+        self._late = late
         address = str(node.address)
         if self._link is not None:
             return self._send_over_link(address, message, late)
         return self._hand(address, message, late)
 
-    def _hand(self, address: str, message: Any, late: bool, ordered: bool = True) -> bool:
-        """Give a message to the hub: the point where it leaves the group.
-        An ``ordered`` message is late while an earlier late one of this
-        group is still held, so it cannot overtake it."""
+    def _hand(self, address: str, message: Any, late: bool) -> bool:
+        """Give a message to the hub: the point where it leaves the group."""
         hub_address = self._hub.route(address)
         if hub_address is None:
             return False
-        if ordered and (late or self._late_until > self._hub.released_batch):
-            late = True
-            self._late_until = self._hub.open_batch
         self._hub.enqueue(hub_address, (address, self.address, message), late)
         return self._hub.is_up(hub_address)
 
@@ -338,11 +328,9 @@ class _HubTransport(Transport):  # type: ignore[misc]
         ack = {"type": "read_ack", "ri": message["ri"], "term": term}
         address = str(node.address)
         if self._link is not None:
-            self._send_over_link(address, ack, False, ordered=False)
+            self._send_over_link(address, ack, False)
         else:
-            # Not ordered behind this group's held acks: pysyncobj never sees
-            # it, and a leader's reads should not wait for this member's disk.
-            self._hand(address, ack, False, ordered=False)
+            self._hand(address, ack, False)
 
     def open_round(self) -> None:
         """A read round was started: it goes out on this round's heartbeats
@@ -351,12 +339,6 @@ class _HubTransport(Transport):  # type: ignore[misc]
         self._round_open = True
         self._stamped = set()
         self._hub.touch(self)
-
-    @property
-    def tick_deferred(self) -> bool:
-        """A leader counts its own log toward a commit in its tick: not
-        while part of that log may not be on disk."""
-        return bool(self._journal.unsynced and self._syncObj._isLeader())
 
     def tick(self) -> None:
         self._syncObj.doTick(0.0)
@@ -371,54 +353,27 @@ class _HubTransport(Transport):  # type: ignore[misc]
     def has_peers(self) -> bool:
         return bool(self._nodes)
 
-    def seal(self) -> int | None:
-        """(Hub thread, end of a round) Have everything appended so far
-        synced on the hub's sync threads; the journal generation that
-        reaches, or None if all is synced already."""
-        target = self._journal.seal()
-        if target is None:
-            return None
-        with self._sync_lock:
-            start, self._syncing = not self._syncing, True
-        if start:
-            self._hub.run_sync(self._sync_once)
-        return target
-
     @property
-    def synced_gen(self) -> int:
-        return int(self._journal.synced_gen)
+    def unsynced(self) -> bool:
+        return bool(self._journal.unsynced)
 
-    @property
-    def closed(self) -> bool:
-        return bool(self._journal.closed)
-
-    def _sync_once(self) -> None:
-        """(A sync thread) One fdatasync up to the latest seal; queued again
-        while seals are ahead of it (one sync of a journal at a time, and a
-        busy journal does not hold a thread from the others)."""
+    def sync(self) -> None:
         try:
-            self._journal.sync_sealed()
+            self._journal.sync()
         except BaseException:
             # A failed fdatasync may have lost the pages it was given, and a
             # retry can "succeed" without them: stop, and replay on restart.
-            # Nothing held behind this sync is ever sent (the hub halts).
-            self.sync_failed = True
             log.critical("%s: journal sync failed; stopping the node", self.address,
                          exc_info=True)
-            self._hub.wake()
             self._on_sync_failed(EXIT_SYNC_FAILED)
-            return
-        self._hub.wake()
-        with self._sync_lock:
-            if self._journal.synced_gen >= self._journal.sealed_gen:
-                self._syncing = False
-                return
-        self._hub.run_sync(self._sync_once)
+            raise
+
+    def end_round(self) -> None:
+        self._late = False
 
     # -- fault injection (only with a link) ----------------------------------------------
 
-    def _send_over_link(self, address: str, message: Any, late: bool,
-                        ordered: bool = True) -> bool:
+    def _send_over_link(self, address: str, message: Any, late: bool) -> bool:
         assert self._link is not None
         delay = self._link(address)
         if delay is None:
@@ -426,7 +381,7 @@ class _HubTransport(Transport):  # type: ignore[misc]
             return True
         held = self._delayed.get(address)
         if delay <= 0 and not held:
-            return self._hand(address, message, late, ordered)
+            return self._hand(address, message, late)
         if self._delayed_count >= self.DELAYED_MAX:
             self.dropped_overflow += 1
             return True
@@ -435,7 +390,7 @@ class _HubTransport(Transport):  # type: ignore[misc]
             held = self._delayed[address] = collections.deque()
         elif held and held[-1][0] > due:
             due = held[-1][0]  # never overtake an earlier message to this peer
-        held.append((due, message, late, ordered))
+        held.append((due, message))
         self._delayed_count += 1
         self._hub.wake_at(self, due)
         return True
@@ -446,14 +401,13 @@ class _HubTransport(Transport):  # type: ignore[misc]
         next_due: float | None = None
         for address, held in self._delayed.items():
             while held and held[0][0] <= now:
-                _, message, late, ordered = held.popleft()
+                _, message = held.popleft()
                 self._delayed_count -= 1
                 if self._link(address) is None:
                     self.dropped_cut_out += 1
                 else:
-                    # A late one joins the open batch: its sync, and every
-                    # earlier batch's, covers what the message acknowledges.
-                    self._hand(address, message, late, ordered)
+                    # Held since an earlier round, whose sync has run.
+                    self._hand(address, message, False)
             if held and (next_due is None or held[0][0] < next_due):
                 next_due = held[0][0]
         return next_due

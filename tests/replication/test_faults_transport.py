@@ -127,10 +127,9 @@ def test_faults_cut_leader_is_replaced_and_catches_up_after_heal(
     sent: list[tuple[Any, str]] = []
     real_hand = _HubTransport._hand
 
-    def record_send(self: Any, address: str, message: Any, late: bool,
-                    ordered: bool = True) -> Any:
+    def record_send(self: Any, address: str, message: Any, late: bool) -> Any:
         sent.append((self, address))
-        return real_hand(self, address, message, late, ordered)
+        return real_hand(self, address, message, late)
 
     group.net.spec = group.net.spec.isolate([old.self_address], group.addresses)
     monkeypatch.setattr(_HubTransport, "_hand", record_send)
@@ -208,10 +207,9 @@ def test_faults_incoming_messages_from_a_cut_peer_are_dropped(
         delivered.append((self, str(node.id)))
         real_received(self, node, message)
 
-    def record_send(self: Any, address: str, message: Any, late: bool,
-                    ordered: bool = True) -> Any:
+    def record_send(self: Any, address: str, message: Any, late: bool) -> Any:
         sent.append((self, address))
-        return real_hand(self, address, message, late, ordered)
+        return real_hand(self, address, message, late)
 
     monkeypatch.setattr(Transport, "_onMessageReceived", record_received)
     monkeypatch.setattr(_HubTransport, "_hand", record_send)
@@ -255,10 +253,9 @@ def test_faults_messages_to_a_peer_keep_their_order_when_the_delay_drops(
         handed.append((self, str(node.id), message))
         return real_send(self, node, message)
 
-    def record_wire(self: Any, address: str, message: Any, late: bool,
-                    ordered: bool = True) -> Any:
+    def record_wire(self: Any, address: str, message: Any, late: bool) -> Any:
         wire.append((self, address, message))
-        return real_hand(self, address, message, late, ordered)
+        return real_hand(self, address, message, late)
 
     monkeypatch.setattr(_HubTransport, "send", record_handed)
     monkeypatch.setattr(_HubTransport, "_hand", record_wire)

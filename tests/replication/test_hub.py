@@ -30,16 +30,8 @@ class Member:
         self.peers = peers
         self.got: list[tuple[str, Any]] = []
         self.links: list[tuple[str, bool]] = []
-        self.dirty = False  # an entry appended, not yet sealed
+        self.dirty = False
         self.log = log if log is not None else []
-        self.hub: RaftHub | None = None
-        self.sync_delay_s = 0.0
-        self.sync_failed = False
-        self.closed = False
-        self.defers = False  # as a leader: no tick while its journal is not synced
-        self.ticks = 0
-        self._gen = 0
-        self.synced_gen = 0
 
     def peer_addresses(self) -> list[str]:
         return self.peers
@@ -51,30 +43,20 @@ class Member:
     def peer_link(self, hub_address: str, up: bool) -> None:
         self.links.append((hub_address, up))
 
-    @property
-    def tick_deferred(self) -> bool:
-        return self.defers and self.synced_gen < self._gen
-
     def tick(self) -> None:
-        self.ticks += 1
-        self.log.append(("tick", self.address))
+        pass
 
-    def seal(self) -> int | None:
-        if not self.dirty:
-            return None
-        self.dirty = False
-        self._gen += 1
-        target = self._gen
-        hub = self.hub
-        assert hub is not None
+    @property
+    def unsynced(self) -> bool:
+        return self.dirty
 
-        def sync() -> None:
-            time.sleep(self.sync_delay_s)
+    def sync(self) -> None:
+        if self.dirty:
             self.log.append(("sync", self.address))
-            self.synced_gen = target
-            hub.wake()
-        hub.run_sync(sync)
-        return target
+        self.dirty = False
+
+    def end_round(self) -> None:
+        pass
 
     def release_due(self, now: float) -> float | None:
         return None
@@ -105,7 +87,6 @@ def pair(make: Callable[..., RaftHub]) -> tuple[RaftHub, RaftHub, Member, Member
     one, two = make(route=route), make(route=route)
     route.update({"a:1": one.address, "b:1": two.address})
     a, b = Member("a:1", ["b:1"]), Member("b:1", ["a:1"])
-    a.hub, b.hub = one, two
     one.add(a)
     two.add(b)
     wait_for(lambda: (two.address, True) in a.links and (one.address, True) in b.links)
@@ -144,71 +125,6 @@ def test_a_late_message_leaves_only_after_its_members_journal_sync(
         delivered = log.index(("deliver", "b:1", {"ack": i}))
         assert ("sync", "a:1") in log[:delivered]
         assert log[:delivered].count(("sync", "a:1")) == i + 1
-
-
-def test_the_loop_goes_on_during_a_sync_and_held_messages_leave_in_order(
-        hubs: Callable[..., RaftHub]) -> None:
-    """A slow journal sync holds only the messages that wait for it: the
-    hub meanwhile receives for its members; a later batch whose own sync is
-    done first still leaves after the earlier one."""
-    one, two, a, b, route = pair(hubs)
-    log: list[Any] = []
-    a.log = b.log = log
-    c = Member("c:1", ["b:1"], log)
-    c.hub = one
-    route["c:1"] = one.address
-    one.add(c)
-    a.sync_delay_s = 0.5
-
-    def first() -> None:
-        a.dirty = True
-        one.enqueue(two.address, ("b:1", "a:1", {"n": 1}), True)
-    one.call(first)
-
-    def second() -> None:
-        c.dirty = True
-        one.enqueue(two.address, ("b:1", "c:1", {"n": 2}), True)
-    one.call(second)
-    send(two, one.address, ("a:1", "b:1", {"ping": 1}))
-    wait_for(lambda: ("deliver", "b:1", {"n": 2}) in log)
-    at = log.index
-    assert at(("deliver", "a:1", {"ping": 1})) < at(("sync", "a:1")), log
-    assert at(("sync", "c:1")) < at(("sync", "a:1")), log  # the later batch's sync ends first
-    assert at(("sync", "a:1")) < at(("deliver", "b:1", {"n": 1})) \
-        < at(("deliver", "b:1", {"n": 2})), log
-    assert one.stats()["batches"] >= 2
-
-
-def test_a_failed_sync_holds_its_messages_for_good(hubs: Callable[..., RaftHub]) -> None:
-    one, two, a, b, _ = pair(hubs)
-    a.sync_failed = True  # as a member whose fdatasync raised says
-
-    def queue() -> None:
-        a.dirty = True
-        one.enqueue(two.address, ("b:1", "a:1", {"held": True}), True)
-    one.call(queue)
-    send(one, two.address, ("b:1", "a:1", {"early": True}))
-    wait_for(lambda: ("a:1", {"early": True}) in b.got)
-    one.call(lambda: one.enqueue(two.address, ("b:1", "a:1", {"later": True}), True))
-    time.sleep(0.3)
-    assert [m for _, m in b.got] == [{"early": True}]
-
-
-def test_a_deferred_member_is_ticked_only_once_its_batch_is_sent(
-        hubs: Callable[..., RaftHub]) -> None:
-    one, _two, a, _b, _ = pair(hubs)
-    a.sync_delay_s = 0.3
-
-    def defer() -> None:
-        a.dirty = True
-        a.defers = True
-        a.ticks = 0
-        a.log.clear()
-    one.call(defer)
-    time.sleep(0.15)  # a few tick periods (0.05 s) go by
-    assert one.call(lambda: a.ticks) == 0
-    wait_for(lambda: a.ticks > 0)
-    assert a.log[0] == ("sync", "a:1")
 
 
 def test_a_peer_without_the_secret_is_refused_and_others_are_still_served(

@@ -77,8 +77,8 @@ def test_pysyncobj_file_journal_never_syncs(tmp_path: Path,
 
 def _record_unsynced_acks(monkeypatch: pytest.MonkeyPatch) -> tuple[list[str], list[int]]:
     """Watch the one place Raft messages leave a process (``RaftHub._transmit``):
-    every follower ack (next_node_idx) that claims an entry its sender's
-    journal does not yet hold on disk is recorded."""
+    every follower ack (next_node_idx) whose sender's journal still holds
+    unsynced entries is recorded."""
     unsynced: list[str] = []
     sent = [0]
     real_transmit = RaftHub._transmit
@@ -87,9 +87,8 @@ def _record_unsynced_acks(monkeypatch: pytest.MonkeyPatch) -> tuple[list[str], l
         for _to, source, message in messages:
             sent[0] += 1
             member = self._members.get(source)
-            if (member is not None and message.get("type") == "next_node_idx"
-                    and message.get("success")
-                    and message["next_node_idx"] - 1 > member._journal.durable_index):
+            if (member is not None and member._journal.unsynced
+                    and message.get("type") == "next_node_idx"):
                 unsynced.append(source)
         real_transmit(self, out, messages)
 

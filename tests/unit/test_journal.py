@@ -248,45 +248,6 @@ def test_journal_matches_a_list_model(tmp_path_factory: pytest.TempPathFactory,
     assert j2.bytes == sum(24 + len(command) for command, _, _ in model)
 
 
-def test_a_sync_reaches_its_seal_and_not_what_was_appended_after(tmp_path: Path) -> None:
-    """The Raft thread appends while a sync thread syncs: a sync makes
-    durable what was sealed, and says so, and no more."""
-    calls: list[int] = []
-    j = DurableJournal(tmp_path, sync_fn=calls.append)
-    assert j.seal() is None  # nothing to sync
-    for i in range(1, 4):
-        j.add(b"x", i, 1)
-    target = j.seal()
-    assert target is not None and j.sealed_gen == target
-    j.add(b"x", 4, 1)  # after the seal, before its sync runs
-    j.sync_sealed()
-    assert len(calls) == 1
-    assert j.durable_index == 3 and j.synced_gen == target and j.unsynced
-    j.sync_sealed()  # that seal is reached: no second fdatasync
-    assert len(calls) == 1
-    assert j.seal() is not None
-    j.sync_sealed()
-    assert j.durable_index == 4 and not j.unsynced and len(calls) == 2
-
-
-def test_a_truncation_first_syncs_what_was_appended(tmp_path: Path) -> None:
-    """An ack for entries 1-3 may wait behind a seal whose sync has not run
-    when a new leader's entry 2 (another term) cuts the log: 1-3 are made
-    durable before the cut, and the stale sync does nothing after it."""
-    calls: list[int] = []
-    j = DurableJournal(tmp_path, sync_fn=calls.append)
-    for i in range(1, 4):
-        j.add(b"old", i, 1)
-    assert j.seal() is not None
-    j.add(b"new", 2, 2)  # conflict: truncates at 2
-    assert len(calls) == 1  # synced before the cut
-    assert j.durable_index == 1 and j.unsynced
-    j.sync_sealed()  # the seal from before the cut: already reached
-    assert len(calls) == 1
-    j.sync()
-    assert j.durable_index == 2 and entries(j) == [(b"old", 1, 1), (b"new", 2, 2)]
-
-
 def test_reopening_syncs_what_a_killed_process_left_in_the_page_cache(tmp_path: Path) -> None:
     j = DurableJournal(tmp_path)
     for i in range(1, 4):

@@ -32,6 +32,7 @@ import click
 
 from raftkv.localcluster import LocalCluster
 from raftkv_cli.common import open_cluster
+from raftkv_cli.workload import code_version
 from raftkv_cli.ycsb import WORKLOADS, ratios
 
 SEED: Final = 1
@@ -92,6 +93,7 @@ def run_bench(cluster_dir: Path, options: Options, json_path: Path | None,
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "platform": platform.platform(), "loadavg_at_start": os.getloadavg()},
+        "code": code_version(),
         "options": {**asdict(options),
                     "workload_mix": {w: WORKLOADS[w].description for w in options.workloads},
                     "loadgen": "one process per point; CPU from getrusage over the window"},

@@ -47,7 +47,7 @@ import click
 from raftkv.localcluster import ClusterError, free_port_range
 from raftkv.storage.leveldb import open_database
 from raftkv_cli.ceiling_group import SECRET_ENV
-from raftkv_cli.workload import percentile
+from raftkv_cli.workload import code_version, percentile
 
 BATCH_KEYS = 100
 NOSYNC_CHECK_EVERY = 1000
@@ -308,6 +308,7 @@ def run_ceilings(duration_s: float, value_bytes: int, json_path: Path | None,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "platform": platform.platform(), "loadavg_at_start": loadavg_at_start,
                     **_versions()},
+        "code": code_version(),
         "duration_s": duration_s, "value_bytes": value_bytes, "results": results,
     }
     if json_path is not None:

@@ -54,7 +54,7 @@ from raftkv.localcluster import LocalCluster, kill_processes_of
 from raftkv.protocol.messages import PutOp
 from raftkv_cli.bench import wait_balanced
 from raftkv_cli.reshard import start_workers, stop_workers
-from raftkv_cli.workload import percentile, process_cpu_s
+from raftkv_cli.workload import code_version, percentile, process_cpu_s
 from shardmgr.moves import RESHARD_DONE, RESHARD_LIVE
 
 KEYSPACE = "default"
@@ -505,20 +505,6 @@ def _line(s: dict[str, Any]) -> str:
 
 
 # -- the report -------------------------------------------------------------------------
-
-def code_version() -> dict[str, Any]:
-    """The git commit the code runs from, and whether the tree has changes
-    (None when this is not a git checkout)."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
-                                capture_output=True, text=True, timeout=10, check=True)
-        changes = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                                 cwd=root, capture_output=True, text=True, timeout=10,
-                                 check=True)
-    except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "dirty": None}
-    return {"commit": commit.stdout.strip(), "dirty": bool(changes.stdout.strip())}
 
 
 def _target(value: float | None, limit: float) -> dict[str, Any]:

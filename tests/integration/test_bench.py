@@ -161,6 +161,8 @@ def test_a_tiny_side_by_side_run(bench_dir: Path, tmp_path: Path) -> None:
     assert run.returncode == 0, run.stdout + run.stderr
     report = json.loads(out.read_text())
     assert {"time", "machine", "options", "results", "ratios", "skipped"} <= set(report)
+    # the commit it was measured at (the tests run from a git checkout)
+    assert report["code"]["commit"] and report["code"]["dirty"] in (True, False)
     assert report["options"]["workloads"] == ["A", "write"]
     skipped = [line for line in run.stdout.splitlines() if line.startswith("etcd: skipped: ")]
     targets = ["raftkv", "etcd"]

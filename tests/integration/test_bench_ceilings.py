@@ -55,6 +55,7 @@ def test_ceilings_cli_reports_every_result(tmp_path: Path) -> None:
     assert not left, f"replica processes left running: {left}"
     report = json.loads(out.read_text())
     assert {"time", "machine", "results"} <= set(report)
+    assert report["code"]["commit"]  # the tests run from a git checkout
     by_name = {r["name"]: r for r in report["results"]}
     assert set(by_name) == set(RESULT_NAMES)
     for name in RESULT_NAMES:

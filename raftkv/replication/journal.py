@@ -41,9 +41,10 @@ crash. This journal implements the same interface, with:
   which every group of the process shares, never waits on the disk for it
   (a directory fsync can take tens of ms while a move writes). A torn or
   missing file is ignored.
-- **reopening** fdatasyncs each segment it reads back: after kill -9 the
-  page cache may hold records that never reached the disk, and an ack
-  sent after the restart must not describe them.
+- **reopening** fdatasyncs the last segment it reads back: after kill -9
+  the page cache may hold records that never reached the disk, and an ack
+  sent after the restart must not describe them (earlier segments were
+  synced before the next one began).
 """
 
 from __future__ import annotations
@@ -173,14 +174,6 @@ class DurableJournal(Journal):  # type: ignore[misc]
                 self.bytes += size
                 offset += size
             last_good = (number, offset)
-            # What a killed process left in the page cache is read back here
-            # but may not be on disk: make it so before anyone is told of it.
-            fd = os.open(self._segment_path(number), os.O_RDONLY)
-            try:
-                os.lseek(fd, offset, os.SEEK_SET)
-                self._sync_fn(fd)
-            finally:
-                os.close(fd)
             if torn:
                 log.warning("journal segment %d: torn or corrupt record at byte %d; "
                             "truncating (an unsynced tail)", number, offset)
@@ -191,7 +184,12 @@ class DurableJournal(Journal):  # type: ignore[misc]
             self._open_segment(max([first_segment, *segments]), 0)
         else:
             self._open_segment(*last_good)
-        self.durable_index = self._entries[-1][1] if self._entries else 0
+            # What a killed process left in the page cache is read back but
+            # may not be on disk: make it so before anyone is told of it.
+            # Only the last segment can hold such records (a new segment
+            # starts only after the one before it is synced).
+            self._sync_fn(self._fd)
+        self.durable_index = self._last_index()
 
     @staticmethod
     def _parse(data: bytes, offset: int) -> tuple[Entry, int] | None:
@@ -231,11 +229,14 @@ class DurableJournal(Journal):  # type: ignore[misc]
         """Make every appended entry durable. Cheap when nothing is pending."""
         with self._lock:
             if self._dirty:
-                last = self._entries[-1][1] if self._entries else 0
+                last = self._last_index()
                 self._sync_fn(self._fd)
                 self._dirty = False
                 self.durable_index = last
                 self.syncs += 1
+
+    def _last_index(self) -> int:
+        return self._entries[-1][1] if self._entries else 0
 
     @property
     def unsynced(self) -> bool:
@@ -319,7 +320,7 @@ class DurableJournal(Journal):  # type: ignore[misc]
                 self._segment_path(number).unlink()
         fsync_dir(self.directory)
         self._open_segment(segment, offset)
-        self.durable_index = min(self.durable_index, self._entries[-1][1] if self._entries else 0)
+        self.durable_index = min(self.durable_index, self._last_index())
         self._dirty = True
 
     def deleteEntriesTo(self, entryTo: int) -> None:

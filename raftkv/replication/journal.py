@@ -27,10 +27,22 @@ crash. This journal implements the same interface, with:
   so the replica can stop if an applied entry would be replaced; ``settle()``
   reports the tail a message kept, so the replica can re-apply the membership
   changes pysyncobj reversed in it.
-- **preallocation**: segments grow in zero-filled chunks and records
-  overwrite the zeros, so an fdatasync flushes data only, not the file size
-  (measured here: 0.11 ms instead of 0.21 ms). A zero header is the end of
-  the log, not a torn record.
+- **preallocation**: records overwrite zeros written ahead of them, so an
+  fdatasync flushes data only, not the file size (measured here: 0.11 ms
+  instead of 0.21 ms). A zero header is the end of the log, not a torn
+  record. The zeros are written and synced away from the Raft thread: a
+  new journal's first 256 KiB by its constructor (the caller's thread), and
+  the next segment's 1 MiB, once the current one is half full, by a
+  background thread; a full segment continues in that one. Flushing MiBs
+  of zeros takes tens of ms, and the hub waits for a round's syncs, so
+  zeros flushed by a round's sync held up every group of the process (4 MiB
+  per segment before, written on the first append: 72 MiB at once when a
+  reshard created 18 replicas). Only when the next segment is not ready
+  does a segment grow in place. Reopening keeps the zeros after the last
+  record.
+- **a failed sync is final**: after an fdatasync error the kernel may have
+  dropped the pages it could not write, and a retry can "succeed" without
+  them, so every later ``sync()`` fails too (the node stops and replays).
 - **meta** (term, vote, log start) is replaced with tmp + fsync + rename +
   fsync of the directory. Term and vote are stored before pysyncobj sends
   the vote that depends on them.
@@ -49,6 +61,7 @@ crash. This journal implements the same interface, with:
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
 import struct
@@ -66,19 +79,57 @@ from raftkv.storage.leveldb import fsync_dir, write_file_durably
 log = logging.getLogger(__name__)
 
 _RECORD_HEAD = struct.Struct("<IIQQ")  # body length, crc32(body), index, term
-PREALLOCATE_BYTES = 4 * 1024 * 1024
+PREALLOCATE_BYTES = 1024 * 1024  # a segment's zeros (more when a record is bigger)
+FIRST_SEGMENT_BYTES = 256 * 1024  # a new journal's: many groups are created at once
 _ZEROS = bytes(PREALLOCATE_BYTES)
 _BODY_FIXED = 16  # index + term are the first 16 bytes of the crc'd body
 
 Entry = tuple[bytes, int, int]  # (command, index, term), as pysyncobj stores them
+
+_zeroing_lock = threading.Lock()
+_zeroing: list[concurrent.futures.ThreadPoolExecutor] = []
+
+
+def _zeroing_pool() -> concurrent.futures.ThreadPoolExecutor:
+    """One thread per process zero-fills next segments (one at a time: the
+    disk takes them in turn anyway)."""
+    with _zeroing_lock:
+        if not _zeroing:
+            _zeroing.append(concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="journal-zeros"))
+        return _zeroing[0]
+
+
+def _write_zeros(fd: int, offset: int, size: int) -> None:
+    zeros = _ZEROS if size == PREALLOCATE_BYTES else bytes(size)
+    done = 0
+    while done < size:
+        done += os.pwrite(fd, memoryview(zeros)[done:], offset + done)
+
+
+def _zero_filled_segment(path: Path, size: int) -> int:
+    """Create ``path`` holding ``size`` zero bytes, durably (background thread).
+    Nothing else uses the file meanwhile: it is the segment after the journal's
+    last, which the journal waits for before it creates or deletes segments
+    (a file there is what an earlier, failed attempt left)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        _write_zeros(fd, 0, size)
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+    fsync_dir(path.parent)
+    return size
 
 
 class DurableJournal(Journal):  # type: ignore[misc]
     """pysyncobj Journal whose appends become durable at ``sync()``."""
 
     def __init__(self, directory: Path, sync_fn: Callable[[int], None] = os.fdatasync,
-                 on_conflict: Callable[[int], None] | None = None) -> None:
+                 on_conflict: Callable[[int], None] | None = None, *,
+                 preallocate_bytes: int = PREALLOCATE_BYTES) -> None:
         self.directory = Path(directory)
+        self.preallocate_bytes = preallocate_bytes
         self.on_conflict = on_conflict
         # After deleteEntriesFrom: the position from which the old tail was kept
         # (reported by settle(), so the caller can restore its side effects).
@@ -103,8 +154,20 @@ class DurableJournal(Journal):  # type: ignore[misc]
         self._offset = 0
         self._allocated = 0
         self._dirty = False
+        self._sync_failed = False
         self.syncs = 0
+        # The next segment being zero-filled in the background (its number is
+        # always self._segment + 1: it is waited for before segments change).
+        self._spare: concurrent.futures.Future[int] | None = None
+        self._spare_failed_at: int | None = None  # the segment whose next one failed
+        self.segments_grown_in_place = 0  # a full segment with no next one ready
         self._load()
+        first = min(FIRST_SEGMENT_BYTES, self.preallocate_bytes)
+        if self._allocated - self._offset < first // 2:
+            # A new journal (or one whose last segment is nearly full): zeros
+            # now, on the caller's thread, not in the first round's sync.
+            self._grow(first)
+            os.fdatasync(self._fd)
 
     # -- files ----------------------------------------------------------------
 
@@ -145,7 +208,7 @@ class DurableJournal(Journal):  # type: ignore[misc]
         segments = [n for n in self._segments_on_disk() if n >= first_segment]
         for stale in (n for n in self._segments_on_disk() if n < first_segment):
             self._segment_path(stale).unlink()
-        last_good: tuple[int, int] | None = None
+        last_good: tuple[int, int, int] | None = None
         torn = False
         for number in segments:
             if torn:
@@ -155,8 +218,10 @@ class DurableJournal(Journal):  # type: ignore[misc]
             data = self._segment_path(number).read_bytes()
             offset = 0
             while offset < len(data):
-                if data[offset : offset + 8] == b"\0" * 8:
-                    break  # preallocated space: the end of this segment's log
+                if not any(data[offset : offset + 8]):
+                    # Preallocated space (a zero header, or fewer than 8 bytes
+                    # of zeros where a full segment ends): this segment's end.
+                    break
                 record = self._parse(data, offset)
                 if record is None:
                     torn = True
@@ -173,23 +238,40 @@ class DurableJournal(Journal):  # type: ignore[misc]
                 self._sizes.append(size)
                 self.bytes += size
                 offset += size
-            last_good = (number, offset)
+            zeros = len(data) if data.count(0, offset) == len(data) - offset else offset
+            last_good = (number, offset, zeros)
             if torn:
                 log.warning("journal segment %d: torn or corrupt record at byte %d; "
                             "truncating (an unsynced tail)", number, offset)
                 with open(self._segment_path(number), "r+b") as f:
                     f.truncate(offset)
                     os.fsync(f.fileno())
+                last_good = (number, offset, offset)
         if last_good is None:
             self._open_segment(max([first_segment, *segments]), 0)
         else:
-            self._open_segment(*last_good)
+            number, offset, zeros = last_good
+            self._open_segment(number, offset, preallocated=zeros)
             # What a killed process left in the page cache is read back but
             # may not be on disk: make it so before anyone is told of it.
-            # Only the last segment can hold such records (a new segment
-            # starts only after the one before it is synced).
+            # Only the segment holding the last record can hold such records
+            # (a segment is synced before the next one gets any); a zero-filled
+            # next segment may follow it, and is the one continued in.
             self._sync_fn(self._fd)
+            if self._positions and self._positions[-1][0] != self._segment:
+                self._sync_segment(self._positions[-1][0],
+                                   self._positions[-1][1] + self._sizes[-1])
         self.durable_index = self._last_index()
+
+    def _sync_segment(self, number: int, end: int) -> None:
+        """fdatasync a segment other than the current one (through ``sync_fn``,
+        positioned at the end of its records)."""
+        fd = os.open(self._segment_path(number), os.O_RDWR)
+        try:
+            os.lseek(fd, end, os.SEEK_SET)
+            self._sync_fn(fd)
+        finally:
+            os.close(fd)
 
     @staticmethod
     def _parse(data: bytes, offset: int) -> tuple[Entry, int] | None:
@@ -205,32 +287,80 @@ class DurableJournal(Journal):  # type: ignore[misc]
         command = bytes(data[body_start + _BODY_FIXED : end])
         return (command, index, term), 8 + length
 
-    def _open_segment(self, number: int, offset: int) -> None:
+    def _open_segment(self, number: int, offset: int, *, preallocated: int = 0) -> None:
+        """Continue the log in segment ``number`` at ``offset``; the bytes from
+        there up to ``preallocated`` are known to be zeros (kept), anything
+        else after ``offset`` is cut."""
         if self._fd >= 0:
             os.close(self._fd)
         path = self._segment_path(number)
         existed = path.exists()
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        os.ftruncate(self._fd, offset)
+        if preallocated <= offset:
+            os.ftruncate(self._fd, offset)
         os.lseek(self._fd, offset, os.SEEK_SET)
         self._segment = number
         self._offset = offset
-        self._allocated = offset
+        self._allocated = max(offset, preallocated)
         if not existed:
             fsync_dir(self.directory)
 
     def _new_segment(self) -> None:
+        zeros = self._spare_result()
         self.sync()
-        self._open_segment(self._segment + 1, 0)
+        self._open_segment(self._segment + 1, 0, preallocated=zeros)
+
+    def _grow(self, size: int) -> None:
+        _write_zeros(self._fd, self._allocated, size)
+        self._allocated += size
+
+    # -- the next segment, zero-filled in the background ------------------------
+
+    def _prepare_spare(self) -> None:
+        if self._spare is None and self._fd >= 0 and self._spare_failed_at != self._segment:
+            self._spare = _zeroing_pool().submit(
+                _zero_filled_segment, self._segment_path(self._segment + 1),
+                self.preallocate_bytes)
+
+    def _spare_result(self) -> int:
+        """Wait for the background job, if any: its size, or 0 if it failed
+        (before segments are created or deleted, so it never races them)."""
+        spare, self._spare = self._spare, None
+        if spare is None:
+            return 0
+        try:
+            return spare.result()
+        except OSError as exc:
+            log.warning("journal %s: zero-filling the next segment failed (this one "
+                        "grows in place instead): %s", self.directory, exc)
+            self._spare_failed_at = self._segment
+            return 0
+
+    def _take_spare(self, need: int) -> bool:
+        """Continue in the zero-filled next segment, if it is ready and fits."""
+        if self._spare is None or not self._spare.done():
+            return False
+        zeros = self._spare_result()
+        if zeros < need:
+            return False  # (a record larger than a segment: it grows in place)
+        self.sync()  # the next segment starts only once this one is on disk
+        self._open_segment(self._segment + 1, 0, preallocated=zeros)
+        return True
 
     # -- durability -------------------------------------------------------------
 
     def sync(self) -> None:
         """Make every appended entry durable. Cheap when nothing is pending."""
         with self._lock:
+            if self._sync_failed:
+                raise OSError(f"journal {self.directory}: an earlier sync failed")
             if self._dirty:
                 last = self._last_index()
-                self._sync_fn(self._fd)
+                try:
+                    self._sync_fn(self._fd)
+                except BaseException:
+                    self._sync_failed = True
+                    raise
                 self._dirty = False
                 self.durable_index = last
                 self.syncs += 1
@@ -264,12 +394,12 @@ class DurableJournal(Journal):  # type: ignore[misc]
                     self.on_conflict(idx)
         body = struct.pack("<QQ", idx, term) + command
         record = struct.pack("<II", len(body), zlib.crc32(body)) + body
+        if self._offset + len(record) > self._allocated:
+            self._take_spare(len(record))
         with self._lock:
             if self._offset + len(record) > self._allocated:
-                grow = max(PREALLOCATE_BYTES, len(record))
-                os.pwrite(self._fd, _ZEROS if grow == PREALLOCATE_BYTES else bytes(grow),
-                          self._allocated)
-                self._allocated += grow
+                self.segments_grown_in_place += 1
+                self._grow(max(self.preallocate_bytes, len(record)))
             os.write(self._fd, record)
             self._entries.append((command, idx, term))
             self._positions.append((self._segment, self._offset))
@@ -277,6 +407,8 @@ class DurableJournal(Journal):  # type: ignore[misc]
             self.bytes += len(record)
             self._offset += len(record)
             self._dirty = True
+        if self._allocated - self._offset < self._allocated // 2:
+            self._prepare_spare()  # this segment is half full: zero the next one
 
     def clear(self) -> None:
         self._kept_from = None
@@ -306,6 +438,7 @@ class DurableJournal(Journal):  # type: ignore[misc]
 
     def _truncate(self, entryFrom: int) -> None:
         self.truncations += 1
+        self._spare_result()  # (a next segment, if made, is deleted below)
         segment, offset = self._positions[entryFrom]
         del self._entries[entryFrom:]
         del self._positions[entryFrom:]
@@ -355,6 +488,7 @@ class DurableJournal(Journal):  # type: ignore[misc]
         return len(self._entries)
 
     def _destroy(self) -> None:
+        self._spare_result()
         self.sync()
         if self._commit_dirty:
             self._store_commit()

@@ -13,7 +13,9 @@ instead runs one loop per process:
    heartbeats and elections): pysyncobj's ``doTick``;
 3. send what the ticks queued that may leave at once (a leader's
    append-entries), one frame per peer process for all groups;
-4. sync every journal with unsynced entries;
+4. sync the Raft log if a group appended to it: the groups of a process share
+   one log (``journal.NodeLog``), so this is one write and one fdatasync for
+   all of them;
 5. send what had to wait for that sync (a follower's ack: an ack only ever
    covers entries on disk; DESIGN section 5).
 
@@ -26,7 +28,6 @@ group is constructed, before it is added).
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import contextlib
 import errno
 import functools
@@ -100,7 +101,6 @@ class RaftHub:
     RECV_BYTES = 1 << 18
     INCOMING_MAX = 1024
     OUT_BUFFER_BYTES_MAX = 64 << 20
-    SYNC_THREADS = 8
 
     def __init__(self, address: str, secret: str, *, route: Route | None = None,
                  tick_period_s: float = 0.05, connection_retry_s: float = 0.5,
@@ -133,7 +133,6 @@ class RaftHub:
         # mmap/munmap pair each time.
         self._recv_buffer = bytearray(self.RECV_BYTES)
         self._recv_view = memoryview(self._recv_buffer)
-        self._sync_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.frames_sent = 0
         self.messages_sent = 0
         self.messages_dropped = 0
@@ -232,8 +231,6 @@ class RaftHub:
         self._incoming.clear()
         self._listener.close()
         self._close_fds()
-        if self._sync_pool is not None:
-            self._sync_pool.shutdown(wait=True)
 
     def _close_fds(self) -> None:
         for fd in (self._wake_r, self._wake_w):
@@ -354,24 +351,12 @@ class RaftHub:
                 next_connect = now + min(self.connection_retry_s, self.connection_timeout_s) / 2
 
     def _sync_journals(self) -> None:
-        """Sync every journal with unsynced entries, in parallel (fdatasync
-        releases the GIL; one after the other, eight groups wait for eight
-        flushes in a row)."""
-        dirty = []
+        """Sync the log of every member with unsynced entries. Members sharing
+        a log (a node's groups) need one sync: after it, none is unsynced."""
         for member in self._members.values():
             if member.unsynced:
-                dirty.append(member)
+                self._guard(member.sync)
             member.end_round()
-        if len(dirty) > 1:
-            if self._sync_pool is None:
-                self._sync_pool = concurrent.futures.ThreadPoolExecutor(
-                    self.SYNC_THREADS, thread_name_prefix=f"{self._thread.name}-sync")
-            pending = [self._sync_pool.submit(member.sync) for member in dirty[1:]]
-            self._guard(dirty[0].sync)
-            for future in pending:
-                self._guard(future.result)
-        elif dirty:
-            self._guard(dirty[0].sync)
 
     @staticmethod
     def _guard(fn: Callable[..., Any], *args: Any) -> None:

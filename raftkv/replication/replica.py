@@ -3,7 +3,8 @@
 This is the only module that imports pysyncobj. It adds what pysyncobj lacks
 (DESIGN section 5):
 
-- durability: a ``DurableJournal``, and a transport that lets no ack leave the
+- durability: a ``GroupJournal`` in the process's shared ``NodeLog``
+  (``journal.py``), and a transport that lets no ack leave the
   process before the entries it covers are synced; a lone replica syncs
   before it applies;
 - one Raft thread and one connection per peer process for all the groups of a
@@ -59,7 +60,7 @@ from raftkv.errors import (
     Unavailable,
 )
 from raftkv.replication.hub import RaftHub
-from raftkv.replication.journal import DurableJournal
+from raftkv.replication.journal import GroupJournal, NodeLog
 from raftkv.replication.readindex import ReadIndex
 from raftkv.statemachine.apply import ApplyFn, apply_entry
 from raftkv.storage.leveldb import (
@@ -79,7 +80,7 @@ EXIT_SYNC_FAILED = 73
 
 class _ResendFilter(logging.Filter):
     """pysyncobj logs CRITICAL for every resent append-entries that overlaps
-    applied entries. The DurableJournal keeps identical entries (no data is
+    applied entries. The GroupJournal keeps identical entries (no data is
     touched), so the message is noise; a real conflict is caught by
     ``Replica._on_log_conflict`` instead."""
 
@@ -118,7 +119,7 @@ def error_for_fail_reason(reason: int, leader: str | None = None) -> RaftKVError
 # -- injecting the durable journal ----------------------------------------------
 
 _journals_lock = threading.Lock()
-_pending_journals: dict[str, DurableJournal] = {}
+_pending_journals: dict[str, GroupJournal] = {}
 _original_create_journal = _pysyncobj_core.createJournal
 
 
@@ -216,7 +217,7 @@ class _HubTransport(Transport):  # type: ignore[misc]
     DELAYED_MAX = 10_000  # held messages per transport (a count: one can be ~1 MiB)
 
     def __init__(self, syncObj: Any, selfNode: Any, otherNodes: Any, *, hub: RaftHub,
-                 journal: DurableJournal, on_sync_failed: Callable[[int], None],
+                 journal: GroupJournal, on_sync_failed: Callable[[int], None],
                  link: Callable[[str], float | None] | None = None) -> None:
         super().__init__(syncObj, selfNode, otherNodes)
         self._on_sync_failed = on_sync_failed
@@ -415,7 +416,7 @@ class _HubTransport(Transport):  # type: ignore[misc]
 
 def reapply_membership(sync_obj: Any, kept: list[tuple[bytes, int, int]]) -> int:
     """Before "deleting" a log tail, pysyncobj reverses the membership changes
-    in it. The DurableJournal keeps entries that do not conflict, so their
+    in it. The GroupJournal keeps entries that do not conflict, so their
     changes are applied again here, in log order. Returns how many there were."""
     parse = sync_obj._SyncObj__parseChangeClusterRequest
     change = sync_obj._SyncObj__doChangeCluster
@@ -519,13 +520,36 @@ class _Group(SyncObj):  # type: ignore[misc]
         self._replica = replica
         super().__init__(self_address, peers, conf=conf, transportClass=transport_class)
 
+    APPLY_TICK_S_MAX = 0.02  # apply work per tick, before the rest of the round goes on
+    APPLY_STEP_ENTRIES = 8
+
     def _SyncObj__applyLogEntries(self) -> bool:
-        """pysyncobj's apply loop, without its request to send append-entries
-        right after every apply (only to tell followers the new commit index):
-        that doubled the messages per entry. Followers learn the commit index
-        from the next append-entries or heartbeat; clients are answered by the
-        leader, which applies at once."""
-        SyncObj._SyncObj__applyLogEntries(self)
+        """pysyncobj's apply loop, with two changes:
+
+        - no request to send append-entries right after every apply (only to
+          tell followers the new commit index): that doubled the messages per
+          entry. Followers learn the commit index from the next append-entries
+          or heartbeat; clients are answered by the leader, which applies at once;
+        - at most about ``APPLY_TICK_S_MAX`` of applying per tick, the rest in
+          the next rounds: pysyncobj applies every committed entry at once, and
+          a replica that learns of a long committed backlog (a restarted one,
+          or a leader elected behind its commit hint) held its hub, and so the
+          heartbeats of every group of its process, for seconds: followers
+          started elections and discarded what it had just proposed."""
+        commit = int(getattr(self, "_SyncObj__raftCommitIndex"))  # noqa: B009 (mypy)
+        if commit - self._SyncObj__raftLastApplied <= self.APPLY_STEP_ENTRIES:
+            SyncObj._SyncObj__applyLogEntries(self)
+            return False
+        deadline = time.monotonic() + self.APPLY_TICK_S_MAX
+        try:
+            while self._SyncObj__raftLastApplied < commit and time.monotonic() < deadline:
+                self._SyncObj__raftCommitIndex = min(
+                    commit, self._SyncObj__raftLastApplied + self.APPLY_STEP_ENTRIES)
+                SyncObj._SyncObj__applyLogEntries(self)
+        finally:
+            self._SyncObj__raftCommitIndex = commit
+        if self._SyncObj__raftLastApplied < commit:
+            self._replica.more_to_apply()
         return False
 
     @replicated  # type: ignore[untyped-decorator]
@@ -552,11 +576,14 @@ class Replica:
         apply_fn: ApplyFn = apply_entry,
         link: Callable[[str], float | None] | None = None,
         hub: RaftHub | None = None,
+        wal: NodeLog | None = None,
         client_address_of: Callable[[str], str | None] | None = None,
     ) -> None:
         """``hub``: the process's Raft transport, shared by all its replicas;
         without one the replica gets its own, listening on ``self_address``
-        (and closes it on ``destroy``).
+        (and closes it on ``destroy``). ``wal``: the process's Raft log, shared
+        likewise (``sync_fn`` is then the log's); without one the replica keeps
+        its own in ``directory/wal``.
 
         ``link``, for fault injection (DESIGN section 8): given a peer's Raft
         address ``host:port``, ``None`` if the link to it is cut, else the one-way
@@ -572,8 +599,12 @@ class Replica:
         self._exit = exit_fn
         self.directory.mkdir(parents=True, exist_ok=True)
         self.store = Store(self.directory / "state")
-        self.journal = DurableJournal(self.directory / "journal", sync_fn=sync_fn,
-                                      on_conflict=self._on_log_conflict)
+        self._own_log = wal is None
+        try:
+            self.wal, self.journal = self._open_journal(wal, sync_fn)
+        except BaseException:
+            self.store.close()
+            raise
         self._dump_path = self.directory / "snapshot.dump"
         self._dump_state = SERIALIZER_STATE.NOT_SERIALIZING
         self._dump_lock = threading.Lock()
@@ -613,8 +644,35 @@ class Replica:
                 self.hub.unsubscribe(fd)
             if self._own_hub:
                 self.hub.close()
+            with _journals_lock:
+                _pending_journals.pop(journal_key, None)
+            self._close_log()
             self.store.close()
             raise
+
+    def _open_journal(self, wal: NodeLog | None, sync_fn: Callable[[int], None]
+                      ) -> tuple[NodeLog, GroupJournal]:
+        """This group's journal in the process's log, or in a log of its own."""
+        log_ = wal if wal is not None else NodeLog(self.directory / "wal", sync_fn=sync_fn)
+        try:
+            return log_, log_.open_group(self.directory / "journal",
+                                         on_conflict=self._on_log_conflict)
+        except BaseException:
+            if wal is None:
+                log_.close()
+            raise
+
+    def more_to_apply(self) -> None:
+        """The group applied part of its committed entries: tick it again soon."""
+        transport = getattr(self, "transport", None)  # (unset while the group is built)
+        if transport is not None:
+            self.hub.touch(transport)
+
+    def _close_log(self) -> None:
+        """Close this group in the log (and the log, if it is this replica's own)."""
+        self.journal.close()
+        if self._own_log:
+            self.wal.close()
 
     # -- the apply path (Raft thread) ------------------------------------------
 
@@ -630,7 +688,7 @@ class Replica:
                 return None  # replay of an entry already in LevelDB
             out = self._apply_fn(self.store, index, payload)
             self.store.write(out.writes)
-            if (self.journal.bytes > self.settings.log_compaction_bytes_max
+            if (self.journal.size_bytes > self.settings.log_compaction_bytes_max
                     and not self._compaction_forced):
                 self._compaction_forced = True
                 group.forceLogCompaction()  # (self._group is unset during replay at start)
@@ -801,6 +859,7 @@ class Replica:
             detach()
         if self._own_hub:
             self.hub.close()
+        self._close_log()
         self.store.close()
 
     # -- snapshots -------------------------------------------------------------

@@ -67,6 +67,7 @@ from raftkv.protocol.messages import (
     decode_request,
 )
 from raftkv.replication.hub import RaftHub
+from raftkv.replication.journal import NodeLog
 from raftkv.replication.replica import Replica
 from raftkv.server.proposer import OnDone, Proposer
 from raftkv.server.rpc import RpcServer
@@ -137,6 +138,7 @@ class NodeServer:
         self.links = FaultLinks(cluster, node_id, faults)
         self.replicas: dict[int, Replica] = {}
         self.hub: RaftHub | None = None
+        self.wal: NodeLog | None = None
         self._hub_lock = threading.Lock()
         self.proposers: dict[int, Proposer] = {}
         self.descriptors: dict[int, dict[str, Any]] = {}
@@ -172,12 +174,15 @@ class NodeServer:
         shard_id = int(descriptor["shard"])
         return Replica(shard_id, self._replica_dir(shard_id), descriptor["raft_address"],
                        list(descriptor["peers"]), self.secret, settings=self.cluster.raft,
-                       link=self.links.delay_s, hub=self._open_hub(),
+                       link=self.links.delay_s, hub=self._open_hub(), wal=self.wal,
                        client_address_of=self._client_address_of)
 
     def _open_hub(self) -> RaftHub:
-        """The node's one Raft transport, for all its replicas (opened with the first)."""
+        """The node's one Raft transport and one Raft log, for all its replicas
+        (opened before the first; reading the log back replays every group's)."""
         with self._hub_lock:
+            if self.wal is None:
+                self.wal = NodeLog(self.data_dir / "wal", groups_root=self.data_dir)
             if self.hub is None:
                 raft = self.cluster.raft
                 self.hub = RaftHub(f"{self.node.host}:{self.node.raft_port_min}", self.secret,
@@ -219,8 +224,11 @@ class NodeServer:
         if replica is not None:
             await trio.to_thread.run_sync(replica.destroy)
         if delete:
-            await trio.to_thread.run_sync(
-                lambda: shutil.rmtree(self._replica_dir(shard_id), ignore_errors=True))
+            def remove() -> None:
+                if self.wal is not None:
+                    self.wal.drop(self._replica_dir(shard_id) / "journal")
+                shutil.rmtree(self._replica_dir(shard_id), ignore_errors=True)
+            await trio.to_thread.run_sync(remove)
             log.info("node %s: removed shard %d", self.node.id, shard_id)
 
     def close(self) -> None:
@@ -228,6 +236,8 @@ class NodeServer:
             replica.destroy()
         if self.hub is not None:
             self.hub.close()
+        if self.wal is not None:
+            self.wal.close()
 
     # -- serving -------------------------------------------------------------------
 

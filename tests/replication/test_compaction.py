@@ -39,7 +39,7 @@ def test_a_large_journal_is_compacted_and_its_size_bounded(group: list[Replica])
         _, error = submit(leader, put_command(seq, b"k%d" % (seq % 7), value))
         assert error is None
     wait_for(lambda: all(r.snapshots_written >= 1 for r in group), 20)
-    wait_for(lambda: all(r.journal.bytes < 2 * LIMIT_BYTES for r in group), 20)
+    wait_for(lambda: all(r.journal.size_bytes < 2 * LIMIT_BYTES for r in group), 20)
     # and the state is intact everywhere
     for r in group:
         wait_for(lambda r=r: r.store.applied_index >= leader.store.applied_index)

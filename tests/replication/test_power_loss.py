@@ -29,7 +29,7 @@ import pytest
 
 from raftkv.errors import RaftKVError
 from raftkv.localcluster import free_port
-from raftkv.replication.journal import DurableJournal
+from raftkv.replication.journal import GroupJournal, NodeLog
 from raftkv.replication.replica import RaftSettings, Replica
 from raftkv.statemachine import layout
 from raftkv.statemachine.commands import Barrier, encode_commands
@@ -75,13 +75,17 @@ def start_group(base: Path, addresses: list[str], sync_fn: Callable[[int], None]
 
 def power_off(replicas: list[Replica], monkeypatch: pytest.MonkeyPatch) -> None:
     """Stop every replica without the final sync a clean shutdown would do."""
-    def close_without_sync(self: DurableJournal) -> None:
+    def close_without_sync(self: NodeLog) -> None:
+        self._closed = True
+        if self._spare is not None:
+            self._spare.result()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
 
     with monkeypatch.context() as m:
-        m.setattr(DurableJournal, "_destroy", close_without_sync)
+        m.setattr(GroupJournal, "_destroy", lambda self: None)
+        m.setattr(NodeLog, "close", close_without_sync)
         for r in replicas:
             r.destroy()
 

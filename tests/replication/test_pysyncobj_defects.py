@@ -20,7 +20,7 @@ from pysyncobj.journal import FileJournal, ResizableFile
 from raftkv.localcluster import free_port
 from raftkv.replication import replica as replica_mod
 from raftkv.replication.hub import RaftHub
-from raftkv.replication.journal import DurableJournal
+from raftkv.replication.journal import GroupJournal, NodeLog
 from raftkv.replication.replica import RaftSettings, Replica
 from raftkv.statemachine import layout
 from raftkv.storage.leveldb import Store, write_snapshot
@@ -236,7 +236,8 @@ def test_raft_port_binds_only_the_configured_address(group: Callable[..., list[R
 def _craft_crash_window(directory: Path, position: int) -> int:
     """Write a dump covering the journal up to ``position`` without truncating
     the journal: the state after a crash between the two steps."""
-    journal = DurableJournal(directory / "journal")
+    wal = NodeLog(directory / "wal")
+    journal = wal.open_group(directory / "journal")
     store = Store(directory / "state")
     meta = {"last": list(journal[position]), "prev": list(journal[position - 1]),
             "cluster": []}
@@ -244,7 +245,8 @@ def _craft_crash_window(directory: Path, position: int) -> int:
     with open(directory / "snapshot.dump", "wb") as out:
         write_snapshot(out, meta, applied, pairs)
     length = len(journal)
-    journal._destroy()
+    journal.close()
+    wal.close()
     store.close()
     return length
 
@@ -264,7 +266,7 @@ def test_dump_crash_window_keeps_the_journal_tail(tmp_path: Path, fixed: bool,
         single.destroy()
     length = _craft_crash_window(tmp_path, 10)
     if not fixed:
-        monkeypatch.setattr(DurableJournal, "position_of", lambda self, entry: None)
+        monkeypatch.setattr(GroupJournal, "position_of", lambda self, entry: None)
     restarted = Replica(0, tmp_path, address, [], "s", settings=settings)
     try:
         wait_for(lambda: restarted.is_leader)

@@ -43,7 +43,7 @@ def test_a_read_index_covers_every_acknowledged_write_and_needs_no_log_entry(
     for seq in range(1, 6):
         commit(leader, seq, b"k%d" % seq)
     last = leader.commit_index
-    before = [r.journal.bytes for r in group.replicas]
+    before = [r.journal.size_bytes for r in group.replicas]
     for _ in range(20):
         result, error = read_index(leader)
         assert error is None, error
@@ -52,7 +52,7 @@ def test_a_read_index_covers_every_acknowledged_write_and_needs_no_log_entry(
         # The state it lets the caller read holds every acknowledged write.
         assert leader.last_applied >= result["i"]
         assert leader.store.get(key(b"k5")) == b"v"
-    assert [r.journal.bytes for r in group.replicas] == before, "a read wrote a log entry"
+    assert [r.journal.size_bytes for r in group.replicas] == before, "a read wrote a log entry"
     assert leader.transport.reads.served >= 20
     assert leader.transport.reads.pending == 0
 

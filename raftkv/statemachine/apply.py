@@ -43,7 +43,11 @@ client) and to ``seq - DEDUP_RESULTS_MAX``,
 so every stored result lies in ``(floor, floor + DEDUP_RESULTS_MAX]``: at most
 that many per client, and a rise of the floor deletes at most that many keys
 (about one per write in steady state). A result is one key, so a write costs
-O(1) however many of the client's requests are in flight.
+O(1) however many of the client's requests are in flight. The floor record
+also lists the seqs whose results are stored while there are at most
+``DEDUP_TRACKED_MAX``: a new seq then needs no read of its result key, and a
+rising floor no scan for the results to delete (a scan finds them when the
+record lists none: more were stored, or an earlier version wrote it).
 """
 
 from __future__ import annotations
@@ -77,6 +81,9 @@ from raftkv.statemachine.moves import (
 )
 
 DEDUP_RESULTS_MAX = 1024
+# The floor record lists the seqs with a stored result while there are at most
+# this many (a write then needs no read of its result key and no scan).
+DEDUP_TRACKED_MAX = 64
 
 ReadFn = Callable[[bytes], bytes | None]
 
@@ -207,44 +214,68 @@ def _apply_write(state: _Overlay, view: StateView, index: int, write: Write) -> 
     # records live under that logical shard, so they move with it.
     ls = write.mutations[0].logical_shard if write.mutations else 0
     floor_key = layout.dedup_key(ks, ls, cid)
-    floor = layout.decode_index(state.get(floor_key))
+    floor, stored = layout.decode_dedup_floor(state.get(floor_key))
     if write.seq <= floor:
         return {"err": "OUTCOME_UNKNOWN",
                 "msg": f"seq {write.seq} is older than this client's dedup window"}
     result_key = layout.dedup_result_key(ks, ls, cid, write.seq)
-    stored = state.get(result_key)
-    if stored is not None:
-        previous: dict[str, Any] = cbor2.loads(stored)
-        return previous
+    if stored is None or write.seq in stored:  # (a new seq of a tracked client: no read)
+        previous_raw = state.get(result_key)
+        if previous_raw is not None:
+            previous: dict[str, Any] = cbor2.loads(previous_raw)
+            return previous
 
+    home_owner = b""
     for m in {m.logical_shard for m in write.mutations}:
-        refusal = client_refusal(decode_owner(state.get(layout.owner_key(ks, m))), ks, m)
-        if refusal is not None:
-            return {"i": index, **refusal}
+        raw_owner = state.get(layout.owner_key(ks, m))
+        if m == ls:
+            home_owner = raw_owner or b""
+        if raw_owner != layout.OWNER_ACTIVE:
+            refusal = client_refusal(decode_owner(raw_owner), ks, m)
+            if refusal is not None:
+                return {"i": index, **refusal}
     effects: dict[bytes, bytes | None] = {}
     write_state = _Overlay(state.get, effects)
     result = _apply_mutations(write_state, index, write)
-    effects[result_key] = cbor2.dumps({k: v for k, v in result.items() if k != "cur"})
+    effects[result_key] = cbor2.dumps(
+        {k: v for k, v in result.items() if k != "cur"} if "cur" in result else result)
     new_floor = max(floor, min(write.ack_seq, write.seq - 1), write.seq - DEDUP_RESULTS_MAX)
-    if new_floor > floor:
-        # Forget the stored results in (floor, new_floor]. The client's seqs are
-        # spread over every logical shard it writes, so the floor of one logical
-        # shard jumps: the stored ones are found by a scan (at most MAX of them),
-        # plus those written earlier in this entry (not in the view yet).
-        start = layout.dedup_result_key(ks, ls, cid, floor + 1)
-        stop = layout.dedup_result_key(ks, ls, cid, new_floor + 1)
-        for key, _ in view.scan(start, stop, DEDUP_RESULTS_MAX):
-            effects[key] = None
-        fresh = state.fresh_results.get((ks, ls, cid), [])
-        for seq in [s for s in fresh if s <= new_floor]:
+    if stored is None:
+        stored = _stored_seqs(state, view, (ks, ls, cid), floor)
+    # Forget the stored results at or below the new floor. The client's seqs are
+    # spread over every logical shard it writes, so the floor of one logical
+    # shard jumps: the floor record names the few stored there.
+    kept = []
+    for seq in stored:
+        if seq <= new_floor:
             effects[layout.dedup_result_key(ks, ls, cid, seq)] = None
-        effects[floor_key] = layout.encode_index(new_floor)
+        elif seq != write.seq:
+            kept.append(seq)
+    kept.append(write.seq)
+    effects[floor_key] = layout.encode_dedup_floor(
+        new_floor, kept if len(kept) <= DEDUP_TRACKED_MAX else None)
     state.fresh_results.setdefault((ks, ls, cid), []).append(write.seq)
     state.writes.update(effects)
     state.keys_added += write_state.keys_added
-    # While a move copies this logical shard away, its changelog gets the effects.
-    record_effects(MoveState(state.get, _no_scan, state.writes), ks, ls, effects)
+    if home_owner != layout.OWNER_ACTIVE:
+        # While a move copies this logical shard away, its changelog gets the effects.
+        record_effects(MoveState(state.get, _no_scan, state.writes), ks, ls, effects)
     return result
+
+
+def _stored_seqs(state: _Overlay, view: StateView, client: tuple[int, int, bytes],
+                 floor: int) -> list[int]:
+    """The seqs with a stored result of a client in one logical shard whose
+    floor record does not list them (written by an earlier version, or more
+    than DEDUP_TRACKED_MAX): a scan (they all lie in (floor, floor + MAX]),
+    plus those written earlier in this entry (not in the view yet)."""
+    ks, ls, cid = client
+    start = layout.dedup_result_key(ks, ls, cid, floor + 1)
+    stop = layout.prefix_end(layout.dedup_key(ks, ls, cid))
+    found = {layout.dedup_result_seq(key) for key, _ in view.scan(start, stop,
+                                                                  DEDUP_RESULTS_MAX + 1)}
+    found.update(s for s in state.fresh_results.get(client, []) if s > floor)
+    return sorted(s for s in found if state.get(layout.dedup_result_key(ks, ls, cid, s)))
 
 
 def _no_scan(start: bytes, stop: bytes, limit: int) -> list[tuple[bytes, bytes]]:

@@ -132,17 +132,9 @@ def decode_commands(payload: bytes) -> list[Command]:
         raise MalformedEntry("entry is not a list of commands")
     commands: list[Command] = []
     for item in raw:
-        if item == ["b"]:
-            commands.append(Barrier())
-            continue
-        if isinstance(item, list) and item and item[0] in ("own", "drop"):
-            commands.append(_decode_admin(item))
-            continue
-        if isinstance(item, list) and item and item[0] == "mv":
-            commands.append(_decode_move(item))
-            continue
         if not (isinstance(item, list) and len(item) == 6 and item[0] == "w"):
-            raise MalformedEntry(f"unknown command {item!r}")
+            commands.append(_decode_other(item))
+            continue
         _, ks, cid, seq, ack, muts = item
         if not (isinstance(ks, int) and 0 <= ks <= U32_MAX
                 and isinstance(cid, bytes) and isinstance(seq, int)
@@ -150,6 +142,17 @@ def decode_commands(payload: bytes) -> list[Command]:
             raise MalformedEntry(f"bad write {item!r}")
         commands.append(Write(ks, cid, seq, ack, tuple(_decode_mutation(m) for m in muts)))
     return commands
+
+
+def _decode_other(item: object) -> Command:
+    """A command other than a write (those are decoded first: most are writes)."""
+    if item == ["b"]:
+        return Barrier()
+    if isinstance(item, list) and item and item[0] in ("own", "drop"):
+        return _decode_admin(item)
+    if isinstance(item, list) and item and item[0] == "mv":
+        return _decode_move(item)
+    raise MalformedEntry(f"unknown command {item!r}")
 
 
 def _u32(value: object) -> bool:

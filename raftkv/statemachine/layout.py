@@ -1,7 +1,9 @@
 """Byte layout of one replica's LevelDB (DESIGN section 4).
 
 - ``d`` ks(4) ls(4) key                 -> value        user data, one range per logical shard
-- ``r`` ks(4) ls(4) client_id(16)       -> floor(8)     every seq <= floor is forgotten (in ls)
+- ``r`` ks(4) ls(4) client_id(16)       -> floor(8) [s seq(8)...]  every seq <= floor is
+                                           forgotten (in ls); after ``s``, the seqs whose
+                                           results are stored (when at most 64)
 - ``r`` ks(4) ls(4) client_id(16) seq(8) -> cbor result the result of write (client_id, seq)
 - ``o`` ks(4) ls(4)                      -> owner record the group's part in logical shard ls
 - ``c`` move(8) seq(8)                   -> cbor effects the changelog of a logical shard moving out
@@ -89,6 +91,34 @@ def dedup_key(keyspace_id: int, logical_shard: int, client_id: bytes) -> bytes:
 def dedup_result_key(keyspace_id: int, logical_shard: int, client_id: bytes,
                      seq: int) -> bytes:
     return dedup_key(keyspace_id, logical_shard, client_id) + _U64.pack(seq)
+
+
+def dedup_result_seq(result_key: bytes) -> int:
+    seq: int = _U64.unpack_from(result_key, len(result_key) - 8)[0]
+    return seq
+
+
+_TRACKED = b"s"
+
+
+def encode_dedup_floor(floor: int, stored: list[int] | None) -> bytes:
+    """A client's floor in one logical shard and, when ``stored`` is given, the
+    seqs above it whose results are stored (none others are)."""
+    if stored is None:
+        return _U64.pack(floor)
+    return _U64.pack(floor) + _TRACKED + struct.pack(f">{len(stored)}Q", *stored)
+
+
+def decode_dedup_floor(raw: bytes | None) -> tuple[int, list[int] | None]:
+    """(floor, stored seqs), the seqs None when the record does not list them:
+    no record, or a bare floor (more than were tracked, or an earlier version's)."""
+    if raw is None:
+        return 0, None
+    floor: int = _U64.unpack_from(raw)[0]
+    if len(raw) == 8:
+        return floor, None
+    assert raw[8:9] == _TRACKED and (len(raw) - 9) % 8 == 0, raw
+    return floor, list(struct.unpack_from(f">{(len(raw) - 9) // 8}Q", raw, 9))
 
 
 def shard_ranges(keyspace_id: int, logical_shard: int) -> list[tuple[bytes, bytes]]:

@@ -94,25 +94,21 @@ def dedup_state(store: dict[bytes, bytes], cid: bytes, ks: int,
     """(floor, seqs with a stored result) of a client in one logical shard, or
     None if nothing is stored.
 
-    Reads either layout: one cbor record ``{"f": floor, "d": {seq: result}}``
-    under ``dedup_key``, or a u64 floor under ``dedup_key`` plus one key per
-    stored result (``dedup_key`` + u64 seq)."""
+    The floor record under ``dedup_key`` (a u64 floor, then the stored seqs
+    when it lists them) and one key per stored result (``dedup_key`` + u64
+    seq); a list in the floor record must name exactly the stored results."""
     prefix = layout.dedup_key(ks, ls, cid)
     keys = [k for k in store if k.startswith(prefix)]
     if not keys:
         return None
-    raw = store.get(prefix)
-    if raw is not None:
-        record = cbor2.loads(raw)
-        if isinstance(record, dict):
-            assert keys == [prefix]
-            return record["f"], set(record["d"])
-    floor = 0 if raw is None else int.from_bytes(raw, "big")
+    floor, listed = layout.decode_dedup_floor(store.get(prefix))
     seqs = set()
     for k in keys:
         if k != prefix:
             assert len(k) == len(prefix) + 8, k
             seqs.add(int.from_bytes(k[len(prefix) :], "big"))
+    if listed is not None:
+        assert sorted(listed) == sorted(seqs), (listed, seqs)
     return floor, seqs
 
 
@@ -706,3 +702,24 @@ def test_a_floor_that_jumps_deletes_only_the_results_that_exist() -> None:
     assert deleted == [layout.dedup_result_key(0, ls, CID, 1)]
     assert len(out.writes) <= 6
     assert dedup_state(store, CID, 0, ls) == (899, {900})
+
+
+def test_dedup_records_of_an_earlier_version_still_answer_retries() -> None:
+    """Earlier versions kept a bare u64 floor (or, before a client's floor rose,
+    no floor record at all) beside one key per stored result. A retry of such a
+    write returns its stored result instead of applying again, and the next
+    write lists what is stored in the floor record."""
+    store = owning_every_logical_shard()
+    ls = ls_of(b"a")
+    stored = {"i": 7, "r": [None]}
+    store[layout.dedup_result_key(0, ls, CID, 1)] = cbor2.dumps(stored)  # no floor record
+    other = b"\x43" * 16
+    store[layout.dedup_key(0, ls, other)] = layout.encode_index(4)  # a bare floor
+    store[layout.dedup_result_key(0, ls, other, 6)] = cbor2.dumps(stored)
+    out = _run(store, 10, Write(0, CID, 1, 0, (_put(b"a", b"again"),)),
+               Write(0, other, 6, 4, (_put(b"a", b"again"),)))
+    assert out.results == [stored, stored]
+    assert layout.data_key(0, ls, b"a") not in store  # neither applied a second time
+    _run(store, 11, Write(0, other, 8, 5, (_put(b"a", b"new"),)))
+    assert layout.decode_dedup_floor(store[layout.dedup_key(0, ls, other)]) == (5, [6, 8])
+    assert dedup_state(store, other, 0, ls) == (5, {6, 8})

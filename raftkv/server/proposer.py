@@ -6,7 +6,11 @@ the command commits (or fails). No task or event per request: the server
 turns the callback into a reply. Commands that arrive while ``in_flight_max`` entries are
 already in flight wait and go out together in the next entry, so an idle
 cluster commits each command at once (low latency) and a busy one packs many
-per entry (high throughput) with no timer.
+per entry (high throughput) with no timer. One entry in flight: since every
+group of a node shares one Raft log and one sync per hub round, fuller
+entries beat a second one in flight (side by side, 64 clients, writes: about
+10 % more on 1 and on 8 physical shards, and no loss at 1 or 16 clients;
+docs/PERFORMANCE.md).
 
 A barrier is a command that changes nothing. Every read that waits for one
 and arrives before an entry is proposed rides on that entry's barrier; once
@@ -49,7 +53,7 @@ class _Batch:
 class Proposer:
     def __init__(self, replica: Replica, trio_token: trio.lowlevel.TrioToken, *,
                  encode: Callable[[list[Any]], bytes] = encode_commands,
-                 in_flight_max: int = 2, batch_commands_max: int = 2048,
+                 in_flight_max: int = 1, batch_commands_max: int = 2048,
                  batch_bytes_max: int = 4 * 1024 * 1024, timeout_s: float = 10.0) -> None:
         self.replica = replica
         self._encode = encode

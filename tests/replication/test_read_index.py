@@ -43,6 +43,8 @@ def test_a_read_index_covers_every_acknowledged_write_and_needs_no_log_entry(
     for seq in range(1, 6):
         commit(leader, seq, b"k%d" % seq)
     last = leader.commit_index
+    # (a follower may still be receiving the last write)
+    wait_for(lambda: len({r.journal.size_bytes for r in group.replicas}) == 1)
     before = [r.journal.size_bytes for r in group.replicas]
     for _ in range(20):
         result, error = read_index(leader)
@@ -172,3 +174,4 @@ def test_closing_a_replica_fails_its_pending_reads(faulty_group: MakeGroup) -> N
     assert len(answers) == 1
     result, error = answers[0]
     assert result is None and error is not None and error.code == "UNAVAILABLE", answers
+

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -87,6 +88,7 @@ log = logging.getLogger(__name__)
 
 CONTROL_PERIOD_S = 0.25
 NODE_DEAD_AFTER_S = 3.0
+HEARTBEAT_WAIT_STEP_S = 0.05
 LEADER_BALANCE_PERIOD_S = 2.0
 TRANSFER_RETRY_S = 5.0
 MAP_WAIT_S_MAX = 30.0
@@ -372,13 +374,18 @@ class ManagerServer:
 
     async def _wait_for_heartbeats(self) -> None:
         """A new leader knows no node is alive until they heartbeat to it: wait
-        for one dead-node period after taking over before judging liveness."""
-        since = self._leading_since
-        now = trio.current_time()
-        if since is None:
-            await trio.sleep(NODE_DEAD_AFTER_S)
-        elif now - since < NODE_DEAD_AFTER_S:
-            await trio.sleep(NODE_DEAD_AFTER_S - (now - since))
+        for one dead-node period after taking over before judging liveness,
+        or until every registered node has heartbeated to it (then there is
+        nothing more to learn: a cluster just started places its first
+        keyspace about 2.5 s sooner)."""
+        nodes = (await self.committed_state()).nodes
+        deadline = (self._leading_since or trio.current_time()) + NODE_DEAD_AFTER_S
+        while trio.current_time() < deadline:
+            since = self._leading_since
+            if since is not None and nodes and all(
+                    self.last_seen.get(n, -math.inf) >= since for n in nodes):
+                return
+            await trio.sleep(HEARTBEAT_WAIT_STEP_S)
 
     def alive(self) -> set[str]:
         now = trio.current_time()

@@ -55,6 +55,20 @@ def make_cluster(tmp_path: Path) -> Iterator[ClusterFactory]:
             shutdown_cluster(cluster)
 
 
+@pytest.fixture(scope="module")
+def shared_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """One started cluster (as ``cluster``) for all the tests of a module that
+    stop no process and use keys of their own: starting one takes seconds."""
+    cluster = LocalCluster.create(tmp_path_factory.mktemp("shared") / "cluster",
+                                  raft=DEFAULT_TEST_RAFT)
+    try:
+        cluster.start(timeout_s=30.0)
+        yield cluster
+    finally:
+        print_logs(cluster)
+        shutdown_cluster(cluster)
+
+
 @pytest.fixture
 def cluster(make_cluster: ClusterFactory) -> LocalCluster:
     """A started cluster: 3 shard manager replicas, 3 nodes in 3 DCs, one

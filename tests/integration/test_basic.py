@@ -14,6 +14,13 @@ from raftkv.protocol.messages import DEFAULT_LIMITS, CasOp, DeleteOp, PutOp
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
 
+@pytest.fixture
+def cluster(shared_cluster: LocalCluster) -> LocalCluster:
+    """One cluster for this module: its tests stop nothing, and each uses keys
+    no other test here writes."""
+    return shared_cluster
+
+
 async def test_put_get_delete_round_trip(cluster: LocalCluster) -> None:
     async with open_client(cluster.client_addresses()) as kv:
         assert await kv.get("missing") is None
@@ -184,12 +191,12 @@ async def test_value_size_limit(cluster: LocalCluster) -> None:
 async def test_unknown_keyspace_is_refused(cluster: LocalCluster) -> None:
     async with open_client(cluster.client_addresses(), keyspace="no-such-keyspace") as kv:
         with pytest.raises(UnknownKeyspace) as info:
-            await kv.put("k", "v")
+            await kv.put("k-of-no-keyspace", "v")
         assert info.value.definite
         assert "no-such-keyspace" in info.value.message
         with pytest.raises(UnknownKeyspace):
-            await kv.get("k")
+            await kv.get("k-of-no-keyspace")
         with pytest.raises(UnknownKeyspace):
-            await kv.cas("k", None, "v")
+            await kv.cas("k-of-no-keyspace", None, "v")
     async with open_client(cluster.client_addresses()) as kv:
-        assert await kv.get("k") is None
+        assert await kv.get("k-of-no-keyspace") is None

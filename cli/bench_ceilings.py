@@ -243,11 +243,13 @@ def measure_group(directory: Path, apply: str, duration_s: float,
                                 timeout_s=duration_s + 2 * ANSWER_TIMEOUT_S)
             cpu_pct = [round(100 * (cpu - cpu_was) / (wall - wall_was), 1) for (cpu_was, wall_was),
                        (cpu, wall) in zip(cpu_before, _cpu_times(replicas), strict=True)]
+            window_s = answer["duration_s"]  # longer than asked if one latency is
             results.append({
                 "name": point_name(apply, inflight, per_entry),
-                "ops_per_s": round(answer["commands"] / duration_s, 1),
+                "ops_per_s": round(answer["commands"] / window_s, 1),
                 "unit": "commands" if apply == "noop" else "writes",
-                "entries_per_s": round(answer["entries"] / duration_s, 1),
+                "entries_per_s": round(answer["entries"] / window_s, 1),
+                "window_s": round(window_s, 3),
                 "inflight_entries": inflight, "commands_per_entry": per_entry,
                 **({} if answer["p50_ms"] is None else {
                     "p50_ms": round(answer["p50_ms"], 3), "p99_ms": round(answer["p99_ms"], 3)}),

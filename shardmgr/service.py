@@ -174,7 +174,10 @@ class ManagerServer:
         self.replica = Replica(0, self.data_dir / "manager", self.me.raft_address, peers,
                                self.secret, settings=self.cluster.raft, apply_fn=self._apply,
                                link=self.links.delay_s,
-                               client_address_of=self._client_of_raft.get)
+                               client_address_of=self._client_of_raft.get,
+                               # The manager group is fixed: an empty replica is
+                               # one of a new cluster's (or lost its disk).
+                               founding=True)
 
     def close(self) -> None:
         if self.replica is not None:

@@ -110,6 +110,10 @@ class AssignedReplica:
     peers: tuple[str, ...]
     """Raft addresses of the other replicas."""
     created_version: int
+    founding: bool = False
+    """The group is being created (its ``own`` not applied yet): every replica
+    starts empty, so the first election need not wait long
+    (``Replica(founding=...)``)."""
 
 
 @dataclass(frozen=True)
@@ -140,7 +144,7 @@ class ClusterState:
                 out.append(AssignedReplica(
                     shard.id, shard.keyspace, mine[0].raft_port,
                     tuple(self.raft_address(r) for r in shard.replicas if r is not mine[0]),
-                    shard.created_version))
+                    shard.created_version, founding=not shard.owned))
         return out
 
     def client_map(self) -> dict[str, Any]:

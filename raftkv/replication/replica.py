@@ -37,6 +37,7 @@ import collections
 import contextlib
 import logging
 import os
+import random
 import select
 import threading
 import time
@@ -437,6 +438,10 @@ class RaftSettings:
 
     election_timeout_s_min: float = 0.8
     election_timeout_s_max: float = 1.6
+    # A founding replica (Replica(founding=True)) that starts empty waits this
+    # long for its group's first election instead.
+    first_election_timeout_s_min: float = 0.15
+    first_election_timeout_s_max: float = 0.35
     heartbeat_period_s: float = 0.1
     tick_period_s: float = 0.05
     connection_timeout_s: float = 2.0
@@ -516,9 +521,17 @@ class _DumpInBackground(Exception):
 
 class _Group(SyncObj):  # type: ignore[misc]
     def __init__(self, replica: Replica, self_address: str, peers: list[str],
-                 conf: SyncObjConf, transport_class: Any) -> None:
+                 conf: SyncObjConf, transport_class: Any, *, founding: bool = False) -> None:
         self._replica = replica
         super().__init__(self_address, peers, conf=conf, transportClass=transport_class)
+        if founding and self._SyncObj__raftCurrentTerm == 0 \
+                and len(self._SyncObj__raftLog) == 1:
+            # Nothing has happened in this group yet (no term, only pysyncobj's
+            # first no-op entry): no leader to wait for, so a short first timeout.
+            settings = replica.settings
+            jitter_s = random.uniform(  # noqa: S311 - election jitter, not a secret
+                settings.first_election_timeout_s_min, settings.first_election_timeout_s_max)
+            self._SyncObj__raftElectionDeadline = _pysyncobj_core.monotonicTime() + jitter_s
 
     APPLY_TICK_S_MAX = 0.02  # apply work per tick, before the rest of the round goes on
     APPLY_STEP_ENTRIES = 8
@@ -578,6 +591,7 @@ class Replica:
         hub: RaftHub | None = None,
         wal: NodeLog | None = None,
         client_address_of: Callable[[str], str | None] | None = None,
+        founding: bool = False,
     ) -> None:
         """``hub``: the process's Raft transport, shared by all its replicas;
         without one the replica gets its own, listening on ``self_address``
@@ -589,7 +603,15 @@ class Replica:
         address ``host:port``, ``None`` if the link to it is cut, else the one-way
         delay in seconds. Called per message on the hub thread (and again when a
         held message is released), so it must be cheap, must not block and must
-        not raise; see ``_HubTransport``."""
+        not raise; see ``_HubTransport``.
+
+        ``founding``: this replica is one of a new group's first members, all
+        starting empty at about the same time (a new keyspace's or reshard's
+        groups, the shard manager's at first start). If it is empty, its first
+        election timeout is ``settings.first_election_timeout_s_*`` (0.15-0.35 s)
+        instead of 0.8-1.6 s. Never for a replica added to a running group: an
+        empty replica that times out before the leader reaches it raises the
+        term, and (with no pre-vote in pysyncobj) deposes the leader."""
         self.shard_id = shard_id
         self._client_address_of = client_address_of
         self._apply_fn = apply_fn
@@ -631,7 +653,8 @@ class Replica:
             return made[-1]
 
         try:
-            self._group = _Group(self, self_address, peer_addresses, conf, make_transport)
+            self._group = _Group(self, self_address, peer_addresses, conf, make_transport,
+                                 founding=founding)
             self.transport = made[0]
             self.transport.on_reads = self._serve_reads
             self._read_round_queued = False

@@ -175,7 +175,8 @@ class NodeServer:
         return Replica(shard_id, self._replica_dir(shard_id), descriptor["raft_address"],
                        list(descriptor["peers"]), self.secret, settings=self.cluster.raft,
                        link=self.links.delay_s, hub=self._open_hub(), wal=self.wal,
-                       client_address_of=self._client_address_of)
+                       client_address_of=self._client_address_of,
+                       founding=bool(descriptor.get("founding", False)))
 
     def _open_hub(self) -> RaftHub:
         """The node's one Raft transport and one Raft log, for all its replicas
@@ -310,7 +311,8 @@ class NodeServer:
                     await self.open_replica({
                         "shard": shard_id, "keyspace": a["keyspace"],
                         "raft_address": f"{self.node.host}:{a['raft_port']}",
-                        "peers": list(a["peers"]), "created_version": a["created_version"]})
+                        "peers": list(a["peers"]), "created_version": a["created_version"],
+                        "founding": bool(a.get("founding", False))})
                 except Exception:  # the next heartbeat tries again; others go on
                     log.exception("node %s: cannot open shard %d", self.node.id, shard_id)
         for shard_id in list(self.replicas):

@@ -276,3 +276,41 @@ def test_dump_crash_window_keeps_the_journal_tail(tmp_path: Path, fixed: bool,
             assert len(restarted.journal) <= 3  # the defect: the tail was cleared
     finally:
         restarted.destroy()
+
+
+# -- the first election of a new group ---------------------------------------------------
+
+
+def _first_election_after_s(open_replica: Callable[[], Replica]) -> float:
+    """How long after the start of its opening a replica will call an election
+    (on pysyncobj's clock: CLOCK_MONOTONIC_RAW, not time.monotonic's)."""
+    clock = replica_mod._pysyncobj_core.monotonicTime
+    started = clock()
+    replica = open_replica()
+    try:
+        return float(replica._group._SyncObj__raftElectionDeadline) - started
+    finally:
+        replica.destroy()
+
+
+def test_an_empty_founding_replica_calls_its_first_election_soon(tmp_path: Path) -> None:
+    """pysyncobj waits a whole election timeout (0.8-1.6 s) before a new
+    group's first election, though nobody can be leader yet. A founding
+    replica that starts empty waits 0.15-0.35 s; one that is not founding, or
+    that has a term already (restarted), waits the usual timeout: an empty
+    replica added to a running group would otherwise depose its leader."""
+    settings = RaftSettings()  # alone (its peers never answer): no election starts
+    peers = [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]
+
+    def opener(name: str, founding: bool) -> Callable[[], Replica]:
+        return lambda: Replica(0, tmp_path / name, f"127.0.0.1:{free_port()}", peers,
+                               "test-secret", settings=settings, founding=founding)
+
+    # (opening a replica here takes up to a few tenths of a second)
+    assert 0.15 <= _first_election_after_s(opener("new", True)) < 0.75
+    assert _first_election_after_s(opener("added", False)) >= 0.8
+
+    replica = opener("voted", True)()
+    replica.journal.setCurrentTerm(3, None)
+    replica.destroy()
+    assert _first_election_after_s(opener("voted", True)) >= 0.8

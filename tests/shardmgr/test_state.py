@@ -850,3 +850,13 @@ def test_state_to_json_output_does_not_alias_the_state() -> None:
     data["shards"][0]["replicas"][0]["raft_port"] = 1
     assert state.nodes["n00"].host == "host-n00"
     assert state.shards[1].replicas[0].raft_port == RAFT_PORT_BASE
+
+
+def test_the_replicas_of_a_group_being_created_are_founding_until_it_owns_its_shards() -> None:
+    """Founding replicas elect their first leader after a short timeout
+    (Replica(founding=...)); a replica added to a serving group must not."""
+    after = create(grid_state(3, 1), "users", logical=8, rf=3, physical=2)
+    assert {a.founding for n in after.nodes for a in after.assignment(n)} == {True}
+    owned = mark_owned(after, 1)
+    for n in owned.nodes:
+        assert {a.shard: a.founding for a in owned.assignment(n)} == {1: False, 2: True}

@@ -32,6 +32,7 @@ import contextlib
 import errno
 import functools
 import logging
+import math
 import os
 import select
 import socket
@@ -45,6 +46,8 @@ from raftkv.replication import wire
 log = logging.getLogger(__name__)
 
 Route = Callable[[str], str | None]
+
+CONNECT_RETRY_S_MIN = 0.05
 
 
 class HubMember(Protocol):
@@ -123,6 +126,7 @@ class RaftHub:
         self._local: list[wire.Message] = []
         self._outgoing: dict[str, _Outgoing] = {}
         self._last_attempt: dict[str, float] = {}
+        self._retry_s: dict[str, float] = {}  # wait before the next attempt, by peer
         self._incoming: dict[int, _Incoming] = {}
         self._wanted: set[str] = set()
         self._wanted_dirty = False
@@ -347,8 +351,7 @@ class RaftHub:
             self._sync_journals()
             self._flush(self._late)
             if now >= next_connect or self._wanted_dirty:
-                self._maintain_connections(now)
-                next_connect = now + min(self.connection_retry_s, self.connection_timeout_s) / 2
+                next_connect = self._maintain_connections(now)
 
     def _sync_journals(self) -> None:
         """Sync the log of every member with unsynced entries. Members sharing
@@ -435,7 +438,12 @@ class RaftHub:
 
     # -- outgoing connections -------------------------------------------------------------
 
-    def _maintain_connections(self, now: float) -> None:
+    def _maintain_connections(self, now: float) -> float:
+        """Open the connections wanted and not open; returns when to look again.
+        A peer that refused is tried again after CONNECT_RETRY_S_MIN, then
+        twice as long each time up to ``connection_retry_s``: processes started
+        together connect within a tick or two, and a dead peer costs an
+        attempt per ``connection_retry_s``."""
         if self._wanted_dirty:
             wanted: set[str] = set()
             for member in self._members.values():
@@ -447,16 +455,23 @@ class RaftHub:
             self._wanted_dirty = False
             for address in [a for a in self._outgoing if a not in wanted]:
                 self._close_outgoing(self._outgoing[address])
+        soonest = math.inf
         for address in self._wanted:
             out = self._outgoing.get(address)
             if out is not None:
                 if out.state != "up" and now - out.started > self.connection_timeout_s:
                     self._close_outgoing(out)
                 continue
-            if now - self._last_attempt.get(address, -1e9) < self.connection_retry_s:
+            retry_s = self._retry_s.get(address, 0.0)
+            if now - self._last_attempt.get(address, -1e9) < retry_s:
+                soonest = min(soonest, self._last_attempt[address] + retry_s)
                 continue
             self._last_attempt[address] = now
+            self._retry_s[address] = min(self.connection_retry_s,
+                                         max(CONNECT_RETRY_S_MIN, 2 * retry_s))
+            soonest = min(soonest, now + self._retry_s[address])
             self._connect(address)
+        return min(soonest, now + min(self.connection_retry_s, self.connection_timeout_s) / 2)
 
     def _connect(self, address: str) -> None:
         host, port = split_address(address)
@@ -514,6 +529,7 @@ class RaftHub:
             return
         out.sealer = wire.Sealer(wire.connection_key(self._master, out.nonce, server_nonce))
         out.state = "up"
+        self._retry_s.pop(out.address, None)
         for member in list(self._members.values()):
             self._guard(member.peer_link, out.address, True)
             self._touched.add(member)

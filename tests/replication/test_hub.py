@@ -202,3 +202,24 @@ def test_a_failed_loop_is_reported_to_the_owner(monkeypatch: pytest.MonkeyPatch)
             hub.call(lambda: None)
     finally:
         hub.close()
+
+
+def test_a_peer_that_starts_late_is_connected_soon_not_after_the_retry_period(
+        hubs: Callable[..., RaftHub]) -> None:
+    """Processes started together: a peer whose port refused is tried again
+    after 0.05 s, 0.1 s, 0.2 s ... up to connection_retry_s (5 s here)."""
+    route: dict[str, str] = {}
+    address = f"127.0.0.1:{free_port()}"
+    one = RaftHub(f"127.0.0.1:{free_port()}", "s3cret", route=route.get, connection_retry_s=5.0)
+    try:
+        route.update({"a:1": one.address, "b:1": address})
+        a = Member("a:1", ["b:1"])
+        one.add(a)
+        time.sleep(0.3)  # refused a few times by now
+        two = hubs(address=address, route=route)
+        started = time.monotonic()
+        two.add(Member("b:1", ["a:1"]))
+        wait_for(lambda: (address, True) in a.links, timeout_s=4.0)
+        assert time.monotonic() - started < 2.0
+    finally:
+        one.close()

@@ -26,6 +26,10 @@ from raftkv.statemachine.commands import Barrier, MalformedEntry
 from shardmgr.state import ClusterState
 
 STATE_KEY = b"m/state"
+VERSION_KEY = b"m/version"
+"""The stored state's version, written with it: an apply reads 8 bytes, not
+the whole state (tens of KB while a reshard runs). A store written before it
+existed has only the state; the version is then read from there."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +70,7 @@ def manager_apply_state(view: StateView, index: int,
     try:
         commands = _decode(payload)
         results: list[Any] = []
-        version = _stored_version(view.get(STATE_KEY))
+        version = _stored_version(view)
         for command in commands:
             if isinstance(command, Barrier):
                 results.append({"i": index})
@@ -75,6 +79,7 @@ def manager_apply_state(view: StateView, index: int,
                 # well-typed (a state that cannot be encoded would wedge the manager).
                 out.writes[STATE_KEY] = cbor2.dumps(command.state.to_json())
                 version, stored = command.state.version, command.state
+                out.writes[VERSION_KEY] = layout.encode_index(version)
                 results.append({"i": index, "ok": True, "version": version})
             else:
                 results.append({"i": index, "ok": False, "version": version})
@@ -85,7 +90,11 @@ def manager_apply_state(view: StateView, index: int,
     return out, stored
 
 
-def _stored_version(raw: bytes | None) -> int:
+def _stored_version(view: StateView) -> int:
+    raw = view.get(VERSION_KEY)
+    if raw is not None:
+        return layout.decode_index(raw)
+    raw = view.get(STATE_KEY)
     if raw is None:
         return 0
     version = cbor2.loads(raw)["version"]

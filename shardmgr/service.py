@@ -251,7 +251,12 @@ class ManagerServer:
         assert self.proposer is not None and self.replica is not None
         self._require_leader()
         await self._await(self.proposer.barrier)
-        return load_state(self.replica.store.get(STATE_KEY))
+        return self._decoded(self.replica.store.get(STATE_KEY))
+
+    def _decoded(self, raw: bytes | None) -> st.ClusterState:
+        """The state stored as ``raw``: usually the one installed last (states
+        are immutable), so nothing to decode."""
+        return self.state if raw == self._state_raw else load_state(raw)
 
     async def change(self, fn: Callable[[st.ClusterState], st.ClusterState]) -> st.ClusterState:
         """Apply ``fn`` to the committed state and commit the result (compare-
@@ -312,10 +317,9 @@ class ManagerServer:
         assert self.replica is not None
         term = self.replica.term
         if self._synced_term == term and self.replica.is_leader:
-            raw = self.replica.store.get(STATE_KEY)
             # The state applied last is installed before its proposer's answer
             # wakes this task: usually no decoding is needed.
-            return self.state if raw == self._state_raw else load_state(raw)
+            return self._decoded(self.replica.store.get(STATE_KEY))
         state = await self.committed_state()
         self._synced_term = term
         return state

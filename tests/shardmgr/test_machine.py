@@ -21,6 +21,7 @@ from raftkv.statemachine.apply import ApplyOutput, MemoryState
 from raftkv.statemachine.commands import Barrier
 from shardmgr.machine import (
     STATE_KEY,
+    VERSION_KEY,
     SetState,
     _decode,
     encode_manager_commands,
@@ -73,11 +74,30 @@ def test_manager_apply_stores_a_set_with_the_expected_version() -> None:
     out = manager_apply(view, 7, encode_manager_commands([SetState(0, new)]))
     assert out.error is None
     assert out.results == [{"i": 7, "ok": True, "version": 1}]
-    assert out.writes == {**applied_only(7), STATE_KEY: cbor2.dumps(new.to_json())}
+    assert out.writes == {**applied_only(7), STATE_KEY: cbor2.dumps(new.to_json()),
+                          VERSION_KEY: layout.encode_index(1)}
     assert view.data == {}, "manager_apply must not write through the view"
     view.commit(out.writes)
     assert stored_state(view) == new
     assert layout.decode_index(view.get(layout.APPLIED_KEY)) == 7
+
+
+def test_a_store_written_before_the_version_key_is_read_by_its_state() -> None:
+    """``stored(n)`` holds only the state, as a store of an earlier version
+    does: the compare-and-set reads the version from it, then writes both."""
+    view = stored(3)
+    assert VERSION_KEY not in view.data
+    refused = manager_apply(view, 4, encode_manager_commands([SetState(2, sample_state(4))]))
+    assert refused.results == [{"i": 4, "ok": False, "version": 3}]
+    apply_and_commit(view, 5, [SetState(3, sample_state(4))])
+    assert layout.decode_index(view.get(VERSION_KEY)) == 4
+
+
+def test_the_version_key_is_what_the_compare_and_set_reads() -> None:
+    view = stored(3)
+    view.data[VERSION_KEY] = layout.encode_index(9)  # (never differs from the state's)
+    out = manager_apply(view, 6, encode_manager_commands([SetState(3, sample_state(10))]))
+    assert out.results == [{"i": 6, "ok": False, "version": 9}]
 
 
 def test_manager_apply_accepts_a_version_jump() -> None:
@@ -132,7 +152,8 @@ def test_manager_apply_runs_the_commands_of_one_entry_in_order() -> None:
         {"i": 20, "ok": False, "version": 4},
         {"i": 20, "ok": False, "version": 4},
     ]
-    assert out.writes == {**applied_only(20), STATE_KEY: cbor2.dumps(sample_state(4).to_json())}
+    assert out.writes == {**applied_only(20), STATE_KEY: cbor2.dumps(sample_state(4).to_json()),
+                          VERSION_KEY: layout.encode_index(4)}
     assert stored_state(view) == sample_state(4)
 
 
@@ -318,7 +339,8 @@ def test_manager_apply_matches_a_compare_and_set_model(
         out = manager_apply(view, index, encode_manager_commands(commands))
         assert out.error is None
         assert out.results == expected_results
-        assert set(out.writes) <= {layout.APPLIED_KEY, STATE_KEY}
+        assert set(out.writes) <= {layout.APPLIED_KEY, STATE_KEY, VERSION_KEY}
         view.commit(out.writes)
         assert stored_state(view) == model_state
+        assert layout.decode_index(view.get(VERSION_KEY)) == version
         assert layout.decode_index(view.get(layout.APPLIED_KEY)) == index

@@ -349,7 +349,8 @@ class NodeServer:
             _, proposer = self._leader_for(request.shard)
             proposer.propose(moves.MoveStep(request.step, request.keyspace_id,
                                             request.logical_shard, request.move_id,
-                                            request.data), _plain(reply))
+                                            request.data), _plain(reply),
+                             urgent=moves.is_cutover(request.step, request.data))
         elif isinstance(request, MoveReadRequest):
             self._move_read(request, reply)
         elif isinstance(request, TransferRequest):

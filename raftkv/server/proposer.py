@@ -67,14 +67,25 @@ class Proposer:
         self._in_flight = 0
         self.entries_proposed = 0
         self.commands_proposed = 0
+        self.urgent_proposed = 0
 
-    def propose(self, command: Any, on_done: OnDone, size_bytes: int = 0) -> None:
-        """Replicate one command; ``on_done(apply result, None)`` or ``(None, error)``."""
+    def propose(self, command: Any, on_done: OnDone, size_bytes: int = 0, *,
+                urgent: bool = False) -> None:
+        """Replicate one command; ``on_done(apply result, None)`` or ``(None, error)``.
+
+        ``urgent``: propose it now, with whatever is pending, even past
+        ``in_flight_max`` (a move's cutover steps: the logical shard is
+        unavailable until they commit, so they do not wait a round behind the
+        entry in flight)."""
         batch = self._pending
         batch.commands.append(command)
         batch.waiters.append(on_done)
         batch.bytes += size_bytes
-        self._maybe_flush()
+        if urgent:
+            self.urgent_proposed += 1
+            self._flush()
+        else:
+            self._maybe_flush()
 
     def barrier(self, on_done: OnDone) -> None:
         """``on_done({"i": index}, None)`` once a barrier proposed after this call

@@ -68,6 +68,13 @@ STEPS = ("prepare", "capture", "ingest", "delta", "freeze", "activate", "moved",
          "abort", "unfreeze", "purge")
 
 
+def is_cutover(step: str, data: Any) -> bool:
+    """A step inside the freeze-to-activation window, while the logical shard
+    takes no writes: the freeze, and the delta (or activate) that activates."""
+    return step in ("freeze", "activate") or (
+        step == "delta" and isinstance(data, dict) and "activate" in data)
+
+
 @dataclass(frozen=True, slots=True)
 class Owner:
     state: str

@@ -24,7 +24,7 @@ from raftkv.statemachine.commands import (
     decode_commands,
     encode_commands,
 )
-from raftkv.statemachine.moves import MoveStep
+from raftkv.statemachine.moves import MoveStep, is_cutover
 from tests.move_support import (
     A_ID,
     B_ID,
@@ -384,3 +384,13 @@ def _without_indexes(keys: dict[bytes, bytes]) -> dict[bytes, Any]:
         else:
             out[k] = v
     return out
+
+
+def test_the_cutover_steps_are_the_freeze_and_the_activation() -> None:
+    """Those the node proposes at once, past the proposer's window."""
+    assert is_cutover("freeze", {"dest": 2, "from": 1})
+    assert is_cutover("activate", {})
+    assert is_cutover("delta", {"from": 3, "records": [], "activate": 5})
+    for step, data in (("delta", {"from": 3, "records": []}), ("ingest", {}),
+                       ("capture", {}), ("moved", {}), ("cleanup", {}), ("delta", None)):
+        assert not is_cutover(step, data), step

@@ -76,3 +76,24 @@ async def test_a_stale_entry_times_out_once_and_a_late_answer_is_ignored() -> No
     # and the window slot was freed: a new command goes out at once
     proposer.propose(write(2), lambda r, e: got.append((r, e)))
     assert len(replica.entries) == 2
+
+
+async def test_an_urgent_command_goes_out_at_once_past_the_window() -> None:
+    """A move's cutover steps do not wait behind the entry in flight; what is
+    pending goes with them, and the window is respected again afterwards."""
+    replica = HeldReplica()
+    proposer = Proposer(replica, trio.lowlevel.current_trio_token(), in_flight_max=1)  # type: ignore[arg-type]
+    got: list[str] = []
+    proposer.propose(write(1), lambda r, e: got.append("w1"))
+    proposer.propose(write(2), lambda r, e: got.append("w2"))
+    assert [len(c) for c, _ in replica.entries] == [1]  # w2 waits for the window
+    proposer.propose(write(3), lambda r, e: got.append("w3"), urgent=True)
+    assert [len(c) for c, _ in replica.entries] == [1, 2]  # w2 and w3, now
+    proposer.propose(write(4), lambda r, e: got.append("w4"))
+    assert len(replica.entries) == 2  # two in flight: w4 waits
+    replica.answer(0)
+    replica.answer(1)
+    await trio.testing.wait_all_tasks_blocked()
+    assert got == ["w1", "w2", "w3"]
+    assert [len(c) for c, _ in replica.entries] == [1, 2, 1]
+    assert proposer.urgent_proposed == 1

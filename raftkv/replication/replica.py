@@ -609,9 +609,10 @@ class Replica:
         starting empty at about the same time (a new keyspace's or reshard's
         groups, the shard manager's at first start). If it is empty, its first
         election timeout is ``settings.first_election_timeout_s_*`` (0.15-0.35 s)
-        instead of 0.8-1.6 s. Never for a replica added to a running group: an
-        empty replica that times out before the leader reaches it raises the
-        term, and (with no pre-vote in pysyncobj) deposes the leader."""
+        instead of 0.8-1.6 s. Not for a replica added to a serving group: there
+        is a leader to wait for, and every candidacy before that leader reaches
+        it raises the empty replica's term (pysyncobj has no pre-vote); once
+        past the leader's term, it would depose it."""
         self.shard_id = shard_id
         self._client_address_of = client_address_of
         self._apply_fn = apply_fn

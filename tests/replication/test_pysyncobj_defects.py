@@ -297,8 +297,9 @@ def test_an_empty_founding_replica_calls_its_first_election_soon(tmp_path: Path)
     """pysyncobj waits a whole election timeout (0.8-1.6 s) before a new
     group's first election, though nobody can be leader yet. A founding
     replica that starts empty waits 0.15-0.35 s; one that is not founding, or
-    that has a term already (restarted), waits the usual timeout: an empty
-    replica added to a running group would otherwise depose its leader."""
+    that has a term already (restarted), waits the usual timeout: a replica
+    added to a serving group has a leader to wait for, and each early
+    candidacy raises its term towards deposing that leader."""
     settings = RaftSettings()  # alone (its peers never answer): no election starts
     peers = [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]
 

@@ -611,6 +611,7 @@ class NodeServer:
                 "journal_syncs": replica.journal.syncs,
                 "entries_proposed": proposer.entries_proposed if proposer else 0,
                 "commands_proposed": proposer.commands_proposed if proposer else 0,
+                "urgent_proposed": proposer.urgent_proposed if proposer else 0,
             })
         return {
             "node": self.node.id, "dc": self.node.dc, "pid": os.getpid(),

@@ -151,8 +151,7 @@ class Proposer:
             self._call(on_done, None if error else results[position], error)
         for on_done in batch.readers:
             self._call(on_done, None if error else results[-1], error)
-        if self._pending.commands or self._pending.readers:
-            self._flush()
+        self._maybe_flush()  # (past the window after an urgent entry: not yet)
 
     @staticmethod
     def _call(on_done: OnDone, result: Any, error: RaftKVError | None) -> None:

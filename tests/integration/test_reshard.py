@@ -142,6 +142,10 @@ async def test_split_2_to_8_then_merge_8_to_3_under_load(make_cluster: Any) -> N
     assert len(shards) == 3 and set(mapped) == set(shards)
     assert sorted(mapped.count(s) for s in shards) in ([21, 21, 22], [21, 22, 22])
     assert await in_thread(status_shards, cluster) == 3
+    # the destinations' activating deltas went past the proposer's window
+    nodes = await in_thread(cluster.statuses)
+    assert sum(shard.get("urgent_proposed", 0) for node in cluster.node_ids
+               for shard in (nodes[node] or {}).get("shards", [])) > 0
     await load.verify()
 
 

@@ -92,6 +92,9 @@ async def test_an_urgent_command_goes_out_at_once_past_the_window() -> None:
     proposer.propose(write(4), lambda r, e: got.append("w4"))
     assert len(replica.entries) == 2  # two in flight: w4 waits
     replica.answer(0)
+    await trio.testing.wait_all_tasks_blocked()
+    assert got == ["w1"]
+    assert len(replica.entries) == 2  # one still in flight, the window is full: w4 waits
     replica.answer(1)
     await trio.testing.wait_all_tasks_blocked()
     assert got == ["w1", "w2", "w3"]

@@ -243,7 +243,7 @@ def measure_group(directory: Path, apply: str, duration_s: float,
                                 timeout_s=duration_s + 2 * ANSWER_TIMEOUT_S)
             cpu_pct = [round(100 * (cpu - cpu_was) / (wall - wall_was), 1) for (cpu_was, wall_was),
                        (cpu, wall) in zip(cpu_before, _cpu_times(replicas), strict=True)]
-            window_s = answer["duration_s"]  # longer than asked if one latency is
+            window_s = answer["window_s"]  # longer than asked if one latency is
             results.append({
                 "name": point_name(apply, inflight, per_entry),
                 "ops_per_s": round(answer["commands"] / window_s, 1),

@@ -24,7 +24,8 @@ answer per line on stdout (``{"error": ...}`` if a request failed):
   before anything is timed; with ``--apply raftkv`` it is the ``own`` command
   a new group gets from the shard manager, so writes find an owner;
 - ``{"op": "run", "inflight": n, "per_entry": k, "duration_s": d,
-  "value_bytes": v}`` (leader only): see ``Driver``; answers its counts;
+  "value_bytes": v}`` (leader only): see ``Driver``; answers its counts
+  and ``window_s``, the time they are over;
 - ``{"op": "stop"}``, or the end of stdin (the parent died): the replica is
   closed and the process exits.
 """
@@ -222,7 +223,7 @@ class Member:
         driver.run()
         latencies = driver.latencies_s
         return {"entries": driver.completed, "commands": driver.completed * per_entry,
-                "duration_s": driver.window_s,
+                "window_s": driver.window_s,
                 "p50_ms": percentile(latencies, 0.50) * 1000 if latencies else None,
                 "p99_ms": percentile(latencies, 0.99) * 1000 if latencies else None,
                 "errors": driver.errors, "leader_after": self.replica.is_leader}

@@ -5,6 +5,7 @@ leaking file descriptors as replicas come and go."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 import time
@@ -67,9 +68,10 @@ def hubs() -> Iterator[Callable[..., RaftHub]]:
     made: list[RaftHub] = []
 
     def make(address: str | None = None, secret: str = "s3cret",
-             route: dict[str, str] | None = None) -> RaftHub:
+             route: dict[str, str] | None = None, connection_retry_s: float = 0.1) -> RaftHub:
         hub = RaftHub(address or f"127.0.0.1:{free_port()}", secret,
-                      route=route.get if route is not None else None, connection_retry_s=0.1)
+                      route=route.get if route is not None else None,
+                      connection_retry_s=connection_retry_s)
         made.append(hub)
         return hub
 
@@ -210,16 +212,37 @@ def test_a_peer_that_starts_late_is_connected_soon_not_after_the_retry_period(
     after 0.05 s, 0.1 s, 0.2 s ... up to connection_retry_s (5 s here)."""
     route: dict[str, str] = {}
     address = f"127.0.0.1:{free_port()}"
-    one = RaftHub(f"127.0.0.1:{free_port()}", "s3cret", route=route.get, connection_retry_s=5.0)
-    try:
-        route.update({"a:1": one.address, "b:1": address})
-        a = Member("a:1", ["b:1"])
-        one.add(a)
-        time.sleep(0.3)  # refused a few times by now
-        two = hubs(address=address, route=route)
-        started = time.monotonic()
-        two.add(Member("b:1", ["a:1"]))
-        wait_for(lambda: (address, True) in a.links, timeout_s=4.0)
-        assert time.monotonic() - started < 2.0
-    finally:
-        one.close()
+    one = hubs(route=route, connection_retry_s=5.0)
+    route.update({"a:1": one.address, "b:1": address})
+    a = Member("a:1", ["b:1"])
+    one.add(a)
+    time.sleep(0.3)  # refused a few times by now
+    two = hubs(address=address, route=route)
+    started = time.monotonic()
+    two.add(Member("b:1", ["a:1"]))
+    wait_for(lambda: (address, True) in a.links, timeout_s=4.0)
+    assert time.monotonic() - started < 2.0
+
+
+def test_a_dead_peer_is_tried_once_per_retry_period_once_backed_off(
+        hubs: Callable[..., RaftHub]) -> None:
+    """The backoff doubles from 0.05 s and stops at connection_retry_s (0.4 s
+    here): neither a busy loop on a dead peer nor a peer given up on."""
+    attempts: list[float] = []
+    route = {"a:1": "", "b:1": f"127.0.0.1:{free_port()}"}  # nobody listens there
+    one = hubs(route=route, connection_retry_s=0.4)
+    route["a:1"] = one.address
+    connect = one._connect
+
+    def counted(address: str) -> None:
+        attempts.append(time.monotonic())
+        connect(address)
+
+    one._connect = counted  # type: ignore[method-assign]
+    started = time.monotonic()
+    one.add(Member("a:1", ["b:1"]))
+    time.sleep(3.0)
+    late = [t for t in attempts if t - started >= 1.0]  # backed off to 0.4 s by then
+    assert 3 <= len(late) <= 6, [round(t - started, 2) for t in attempts]
+    gaps = [b - a for a, b in itertools.pairwise(late)]
+    assert all(gap >= 0.35 for gap in gaps), gaps

@@ -27,13 +27,11 @@ class _SlowReplica:
         self.hub = _Hub()
         self.latency_s = latency_s
         self.submitted = 0
-        self._timers: list[threading.Timer] = []
 
     def submit(self, _payload: bytes, on_done: Callable[[Any, Any], None]) -> None:
         self.submitted += 1
         timer = threading.Timer(self.latency_s, on_done, args=({"i": self.submitted}, None))
         timer.daemon = True
-        self._timers.append(timer)
         timer.start()
 
 

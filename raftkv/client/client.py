@@ -88,17 +88,44 @@ def _reply(body: bytes) -> dict[str, Any]:
 
 
 class _Connection:
-    """One TCP connection with many requests in flight, matched by id."""
+    """One TCP connection with many requests in flight, matched by id.
+
+    Requests are queued and a single writer task sends everything queued in
+    one write: the requests that callers issue in one pass of trio's scheduler
+    (many, when one reply frame wakes many callers) cost one system call, and
+    the server reads them in one receive."""
 
     def __init__(self, address: str, stream: trio.SocketStream) -> None:
         self.address = address
         self._stream = stream
         self._next_id = 0
         self._waiters: dict[int, tuple[trio.Event, list[Any]]] = {}
-        self._send_lock = trio.Lock()
+        self._unsent: list[bytes] = []
+        self._wakeup = trio.Event()
         self.closed = False
 
-    async def run(self) -> None:
+    def start(self, nursery: trio.Nursery) -> None:
+        nursery.start_soon(self._read)
+        nursery.start_soon(self._write)
+
+    async def _write(self) -> None:
+        try:
+            while not self.closed:
+                await self._wakeup.wait()
+                self._wakeup = trio.Event()
+                while self._unsent and not self.closed:
+                    data = b"".join(self._unsent)
+                    self._unsent.clear()
+                    await self._stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            if not self.closed:
+                log.info("connection to %s failed while sending: %s", self.address, exc)
+            # Requests in flight may or may not have reached the server: they
+            # fail with CONNECTION_LOST (indefinite), and the reader stops.
+            self._fail_all()
+            await trio.aclose_forcefully(self._stream)
+
+    async def _read(self) -> None:
         decoder = FrameDecoder()
         try:
             while True:
@@ -124,6 +151,8 @@ class _Connection:
 
     def _fail_all(self) -> None:
         self.closed = True
+        self._unsent.clear()
+        self._wakeup.set()  # the writer stops
         for event, slot in self._waiters.values():
             slot.append(None)
             event.set()
@@ -138,14 +167,10 @@ class _Connection:
         event = trio.Event()
         slot: list[Any] = []
         self._waiters[request_id] = (event, slot)
-        try:
-            async with self._send_lock:
-                await self._stream.send_all(encode_frame(cbor2.dumps(msg)))
-            with trio.move_on_after(timeout_s):
-                await event.wait()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            self._waiters.pop(request_id, None)
-            raise ConnectionLost(f"connection to {self.address} failed: {exc}") from exc
+        self._unsent.append(encode_frame(cbor2.dumps(msg)))
+        self._wakeup.set()
+        with trio.move_on_after(timeout_s):
+            await event.wait()
         if not slot:
             self._waiters.pop(request_id, None)
             raise Timeout(f"no reply from {self.address} in {timeout_s} s")
@@ -188,7 +213,7 @@ class ConnectionPool:
                 raise Unavailable(f"cannot connect to {address}: {exc}") from exc
             conn = _Connection(address, stream)
             self._connections[address] = conn
-            self._nursery.start_soon(conn.run)
+            conn.start(self._nursery)
             return conn
         finally:
             del self._connecting[address]

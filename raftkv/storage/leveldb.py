@@ -38,6 +38,11 @@ from raftkv.statemachine.layout import APPLIED_KEY, decode_index
 SNAPSHOT_MAGIC = "raftkv-snapshot-1"
 SNAPSHOT_BLOCK_PAIRS = 1000
 SNAPSHOT_FRAME_BYTES_MAX = 64 * 1024 * 1024
+# Recently read keys whose values are at most this big (or absent) are kept
+# in memory: apply reads the same few records (owner, dedup floor, key count)
+# for every write, and LevelDB's get costs several microseconds through plyvel.
+READ_CACHE_KEYS_MAX = 4096
+READ_CACHE_VALUE_BYTES_MAX = 512
 
 
 class SnapshotError(Exception):
@@ -75,7 +80,13 @@ def open_database(path: Path, *, error_if_exists: bool = False) -> Any:
 
 
 class Store:
-    """A replica's LevelDB. Thread-safe: the Raft thread writes, others read."""
+    """A replica's LevelDB. Thread-safe: the Raft thread writes, others read.
+
+    ``get`` keeps what it read (small values and absent keys, up to
+    ``READ_CACHE_KEYS_MAX`` keys, then it starts over) and ``write``
+    updates the kept keys it writes, under the same lock as the batch: every
+    change of the database goes through ``write`` or ``replace_from``, so the
+    cache always says what LevelDB would."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
@@ -94,6 +105,7 @@ class Store:
         self._db = open_database(self.directory / name)
         self._applied = decode_index(self._db.get(APPLIED_KEY))
         self._dumps_cancel = threading.Event()
+        self._cache: dict[bytes, bytes | None] = {}
 
     # -- reads and writes ---------------------------------------------------
 
@@ -104,7 +116,16 @@ class Store:
 
     def get(self, key: bytes) -> bytes | None:
         with self._lock:
+            cache = self._cache
+            try:
+                return cache[key]
+            except KeyError:
+                pass
             value: bytes | None = self._db.get(key)
+            if value is None or len(value) <= READ_CACHE_VALUE_BYTES_MAX:
+                if len(cache) >= READ_CACHE_KEYS_MAX:
+                    cache.clear()  # (cheaper than dropping the oldest one by one)
+                cache[key] = value
             return value
 
     def scan(self, start: bytes, stop: bytes, limit: int) -> list[tuple[bytes, bytes]]:
@@ -136,6 +157,13 @@ class Store:
                         batch.delete(key)
                     else:
                         batch.put(key, value)
+            cache = self._cache
+            for key, value in writes.items():
+                if key in cache:
+                    if value is None or len(value) <= READ_CACHE_VALUE_BYTES_MAX:
+                        cache[key] = value
+                    else:
+                        del cache[key]
             applied = writes.get(APPLIED_KEY)
             if applied is not None:
                 self._applied = decode_index(applied)
@@ -191,6 +219,7 @@ class Store:
             self._db.close()
             write_file_durably(self.directory / "CURRENT", name.encode())
             self._db = fresh
+            self._cache.clear()
             self._name = name
             self._applied = decode_index(fresh.get(APPLIED_KEY))
         shutil.rmtree(self.directory / old_name, ignore_errors=True)

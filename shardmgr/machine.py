@@ -36,6 +36,14 @@ existed has only the state; the version is then read from there."""
 class SetState:
     expected_version: int
     state: ClusterState
+    data: dict[str, Any] | None = None
+    """``state.to_json()``, when the proposer has it already."""
+
+
+Previous = tuple[dict[str, Any], ClusterState]
+"""The last state a replica stored, as data and decoded: decoding the next
+proposal reuses the moves that did not change (most of them: a reshard keeps
+every move in the state, and each change touches one or two)."""
 
 
 ManagerCommand = SetState | Barrier
@@ -45,7 +53,8 @@ def encode_manager_commands(commands: list[Any]) -> bytes:
     out: list[object] = []
     for c in commands:
         if isinstance(c, SetState):
-            out.append(["set", c.expected_version, c.state.to_json()])
+            out.append(["set", c.expected_version,
+                        c.data if c.data is not None else c.state.to_json()])
         else:
             assert isinstance(c, Barrier), c
             out.append(["b"])
@@ -60,15 +69,18 @@ def manager_apply(view: StateView, index: int, payload: bytes) -> ApplyOutput:
     return manager_apply_state(view, index, payload)[0]
 
 
-def manager_apply_state(view: StateView, index: int,
-                        payload: bytes) -> tuple[ApplyOutput, ClusterState | None]:
-    """``manager_apply``, and the state it stored (None if none): the caller
-    need not decode what was just decoded."""
+def manager_apply_state(view: StateView, index: int, payload: bytes,
+                        previous: Previous | None = None,
+                        ) -> tuple[ApplyOutput, Previous | None]:
+    """``manager_apply``, and the state it stored (None if none) as data and
+    decoded: the caller need not decode what was just decoded, and passes it
+    back as ``previous`` with the next entry (any earlier stored state, or
+    none, gives the same output, only slower)."""
     out = ApplyOutput()
     out.writes[layout.APPLIED_KEY] = layout.encode_index(index)
-    stored: ClusterState | None = None
+    stored: Previous | None = None
     try:
-        commands = _decode(payload)
+        commands = _decode(payload, previous)
         results: list[Any] = []
         version = _stored_version(view)
         for command in commands:
@@ -76,9 +88,12 @@ def manager_apply_state(view: StateView, index: int,
                 results.append({"i": index})
             elif command.expected_version == version and command.state.version > version:
                 # Re-encoded, not stored as proposed: to_json checks the state is
-                # well-typed (a state that cannot be encoded would wedge the manager).
-                out.writes[STATE_KEY] = cbor2.dumps(command.state.to_json())
-                version, stored = command.state.version, command.state
+                # well-typed (a state that cannot be encoded would wedge the
+                # manager). With ``previous``, unchanged moves are not encoded again.
+                data = command.state.to_json(previous)
+                out.writes[STATE_KEY] = cbor2.dumps(data)
+                version, stored = command.state.version, (data, command.state)
+                previous = stored
                 out.writes[VERSION_KEY] = layout.encode_index(version)
                 results.append({"i": index, "ok": True, "version": version})
             else:
@@ -102,7 +117,7 @@ def _stored_version(view: StateView) -> int:
     return version
 
 
-def _decode(payload: bytes) -> list[ManagerCommand]:
+def _decode(payload: bytes, previous: Previous | None = None) -> list[ManagerCommand]:
     raw = cbor2.loads(payload)
     if not isinstance(raw, list):
         raise MalformedEntry("entry is not a list")
@@ -111,7 +126,9 @@ def _decode(payload: bytes) -> list[ManagerCommand]:
         if item == ["b"]:
             commands.append(Barrier())
         elif isinstance(item, list) and len(item) == 3 and item[0] == "set" and _is_int(item[1]):
-            state = ClusterState.from_json(item[2])
+            if not isinstance(item[2], dict):
+                raise MalformedEntry(f"a state that is not a map: {type(item[2]).__name__}")
+            state = ClusterState.from_json(item[2], previous)
             if not _is_int(state.version):
                 raise MalformedEntry(f"state version {state.version!r} is not an integer")
             commands.append(SetState(item[1], state))

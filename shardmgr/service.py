@@ -69,6 +69,7 @@ from shardmgr import reshard as rs
 from shardmgr import state as st
 from shardmgr.machine import (
     STATE_KEY,
+    Previous,
     SetState,
     encode_manager_commands,
     load_state,
@@ -149,6 +150,9 @@ class ManagerServer:
         self.proposer: Proposer | None = None
         self.state = st.ClusterState()
         self._state_raw: bytes | None = None
+        # The state the last applied entry stored (Raft thread only): the next
+        # entry's decoding reuses its unchanged moves.
+        self._applied_last: Previous | None = None
         self._state_changed = trio.Event()
         self._change_lock = trio.Lock()
         self._pending: list[_Change] = []
@@ -203,11 +207,13 @@ class ManagerServer:
     def _apply(self, view: StateView, index: int, payload: bytes) -> ApplyOutput:
         """The state machine, plus a note to the trio side when the state
         changed (so map watchers wake at once, without polling)."""
-        out, state = manager_apply_state(view, index, payload)
+        out, stored = manager_apply_state(view, index, payload, self._applied_last)
         raw = out.writes.get(STATE_KEY)
+        if stored is not None:
+            self._applied_last = stored
         token = self._token
         if raw is not None and token is not None:
-            token.run_sync_soon(self._install_state, raw, state)
+            token.run_sync_soon(self._install_state, raw, stored[1] if stored else None)
         return out
 
     def _install_state(self, raw: bytes | None, state: st.ClusterState | None = None) -> None:
@@ -291,7 +297,7 @@ class ManagerServer:
                         slot.result, slot.error = None, exc
                 if new.version == current.version:
                     return
-                command = SetState(current.version, new)
+                command = SetState(current.version, new, new.to_json(self._applied_last))
                 result = await self._await(functools.partial(self.proposer.propose, command))
                 if result.get("ok"):
                     return

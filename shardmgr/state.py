@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from shardmgr.moves import RESHARD_LIVE, Move, Reshard
@@ -166,29 +166,47 @@ class ClusterState:
 
     # -- codec ----------------------------------------------------------------
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, previous: tuple[Mapping[str, Any], ClusterState] | None = None,
+                ) -> dict[str, Any]:
+        """This state as json-like data. ``previous``: an earlier state, as data
+        and decoded, whose moves' data is reused for the moves this state
+        shares with it (the same objects: states are immutable)."""
+        moves: list[Any] = []
+        known: dict[Any, Any] = {}
+        if previous is not None:
+            known = {m["id"]: m for m in previous[0].get("moves", ())}
+        for move_id, move in sorted(self.moves.items()):
+            data = known.get(move_id)
+            if data is None or previous is None or previous[1].moves.get(move_id) is not move:
+                data = move.to_json()
+            moves.append(data)
         return {
             "version": self.version,
-            "nodes": [asdict(n) for n in sorted(self.nodes.values(), key=lambda n: n.id)],
+            "nodes": [_flat(n) for n in sorted(self.nodes.values(), key=lambda n: n.id)],
             "keyspaces": [
-                {**asdict(k), "logical_map": list(k.logical_map)}
+                {**_flat(k), "logical_map": list(k.logical_map)}
                 for k in sorted(self.keyspaces.values(), key=lambda k: k.name)
             ],
             "shards": [
                 {"id": s.id, "keyspace": s.keyspace, "owned": s.owned,
                  "created_version": s.created_version,
-                 "replicas": [asdict(r) for r in s.replicas]}
+                 "replicas": [_flat(r) for r in s.replicas]}
                 for s in sorted(self.shards.values(), key=lambda s: s.id)
             ],
             "next_keyspace_id": self.next_keyspace_id,
             "next_shard_id": self.next_shard_id,
-            "moves": [m.to_json() for _, m in sorted(self.moves.items())],
+            "moves": moves,
             "reshards": [r.to_json() for _, r in sorted(self.reshards.items())],
             "next_move_id": self.next_move_id,
         }
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> ClusterState:
+    def from_json(cls, data: Mapping[str, Any],
+                  previous: tuple[Mapping[str, Any], ClusterState] | None = None,
+                  ) -> ClusterState:
+        """The state ``data`` encodes. ``previous``: an earlier state, as data
+        and decoded, whose moves are reused where their data is equal (the
+        same result, without building the unchanged moves again)."""
         nodes = {n["id"]: NodeInfo(**n) for n in data["nodes"]}
         keyspaces = {
             k["name"]: KeyspaceInfo(**{**k, "logical_map": tuple(k["logical_map"])})
@@ -200,10 +218,27 @@ class ClusterState:
                                s["owned"], s["created_version"])
             for s in data["shards"]
         }
-        moves = {m["id"]: Move.from_json(m) for m in data.get("moves", ())}
+        moves: dict[int, Move] = {}
+        known: dict[Any, tuple[Mapping[str, Any], Move]] = {}
+        if previous is not None:
+            known = {m["id"]: (m, previous[1].moves[m["id"]])
+                     for m in previous[0].get("moves", ())}
+        for m in data.get("moves", ()):
+            old = known.get(m["id"])
+            moves[m["id"]] = old[1] if old is not None and old[0] == m else Move.from_json(m)
         reshards = {r["keyspace"]: Reshard.from_json(r) for r in data.get("reshards", ())}
         return cls(data["version"], nodes, keyspaces, shards, data["next_keyspace_id"],
                    data["next_shard_id"], moves, reshards, data.get("next_move_id", 1))
+
+
+def _flat(record: NodeInfo | ReplicaInfo | KeyspaceInfo) -> dict[str, Any]:
+    """A record of plain fields as a dict (``dataclasses.asdict`` deep-copies
+    every value: a third of encoding the state)."""
+    return {name: getattr(record, name) for name in _FIELD_NAMES[type(record)]}
+
+
+_FIELD_NAMES = {cls: tuple(f.name for f in fields(cls))
+                for cls in (NodeInfo, ReplicaInfo, KeyspaceInfo)}
 
 
 # -- changes ---------------------------------------------------------------------

@@ -8,6 +8,7 @@ writes are committed before the next entry. Known bugs are
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import replace
 from typing import Any
 
@@ -27,7 +28,9 @@ from shardmgr.machine import (
     encode_manager_commands,
     load_state,
     manager_apply,
+    manager_apply_state,
 )
+from shardmgr.moves import Move
 from shardmgr.state import ClusterState, NodeInfo, create_keyspace, mark_owned, register_node
 from tests.shardmgr.test_state import random_walk
 
@@ -344,3 +347,63 @@ def test_manager_apply_matches_a_compare_and_set_model(
         assert stored_state(view) == model_state
         assert layout.decode_index(view.get(VERSION_KEY)) == version
         assert layout.decode_index(view.get(layout.APPLIED_KEY)) == index
+
+
+# ---------------------------------------------------------------------------
+# decoding and encoding against the previous state (unchanged moves reused)
+
+MOVE_FIELDS = st.fixed_dictionaries({
+    "phase": st.sampled_from(["prepare", "copy", "freeze", "done", "abort"]),
+    "copied_keys": st.integers(0, 3), "worker": st.sampled_from([None, "w-1", "w-2"]),
+    "lease_until": st.sampled_from([0.0, 1.5, 2.0]), "started": st.booleans(),
+})
+
+
+@st.composite
+def move_histories(draw: st.DrawFn) -> list[ClusterState]:
+    """States one version apart whose moves are added, changed and removed."""
+    state = sample_state(1)
+    states = [state]
+    for _ in range(draw(st.integers(1, 8))):
+        moves = dict(state.moves)
+        for move_id in draw(st.lists(st.integers(1, 6), max_size=3)):
+            if move_id in moves and draw(st.booleans()) and draw(st.booleans()):
+                del moves[move_id]
+            else:
+                moves[move_id] = Move(move_id, "ks", 0, 4, move_id % 4, 1, 2,
+                                      **draw(MOVE_FIELDS))
+        state = replace(state, version=state.version + 1, moves=moves)
+        states.append(state)
+    return states
+
+
+@PROPERTY
+@given(move_histories())
+def test_decoding_and_encoding_with_the_previous_state_change_nothing(
+        states: list[ClusterState]) -> None:
+    for before, after in itertools.pairwise(states):
+        data = cbor2.loads(cbor2.dumps(after.to_json()))
+        previous_data = cbor2.loads(cbor2.dumps(before.to_json()))
+        decoded = ClusterState.from_json(previous_data)
+        again = ClusterState.from_json(data, (previous_data, decoded))
+        assert again == after
+        for move_id, move in again.moves.items():  # reused exactly where unchanged
+            assert (move is decoded.moves.get(move_id)) == (move == before.moves.get(move_id))
+        assert after.to_json((before.to_json(), before)) == after.to_json()
+
+
+@PROPERTY
+@given(move_histories())
+def test_manager_apply_with_the_previous_state_gives_the_same_output(
+        states: list[ClusterState]) -> None:
+    plain, hinted = MemoryState(), MemoryState()
+    previous: Any = None
+    for index, (before, after) in enumerate(itertools.pairwise([ClusterState(), *states]), 1):
+        payload = encode_manager_commands([SetState(before.version, after)])
+        out = manager_apply(plain, index, payload)
+        out_hinted, stored = manager_apply_state(hinted, index, payload, previous)
+        assert (out_hinted.writes, out_hinted.results) == (out.writes, out.results)
+        assert stored is not None and stored[1] == after and stored[0] == after.to_json()
+        plain.commit(out.writes)
+        hinted.commit(out_hinted.writes)
+        previous = stored

@@ -41,8 +41,11 @@ SNAPSHOT_FRAME_BYTES_MAX = 64 * 1024 * 1024
 # Recently read keys whose values are at most this big (or absent) are kept
 # in memory: apply reads the same few records (owner, dedup floor, key count)
 # for every write, and LevelDB's get costs several microseconds through plyvel.
-READ_CACHE_KEYS_MAX = 4096
+# The budget is per replica (a node may host hundreds): keys and values, plus
+# an estimate of the dict's own cost per entry.
+READ_CACHE_BYTES_MAX = 256 * 1024
 READ_CACHE_VALUE_BYTES_MAX = 512
+READ_CACHE_ENTRY_OVERHEAD_BYTES = 100
 
 
 class SnapshotError(Exception):
@@ -79,11 +82,15 @@ def open_database(path: Path, *, error_if_exists: bool = False) -> Any:
     return plyvel.DB(str(path), create_if_missing=True, error_if_exists=error_if_exists)
 
 
+def _cached_size(key: bytes, value: bytes | None) -> int:
+    return len(key) + (len(value) if value is not None else 0) + READ_CACHE_ENTRY_OVERHEAD_BYTES
+
+
 class Store:
     """A replica's LevelDB. Thread-safe: the Raft thread writes, others read.
 
     ``get`` keeps what it read (small values and absent keys, up to
-    ``READ_CACHE_KEYS_MAX`` keys, then it starts over) and ``write``
+    ``READ_CACHE_BYTES_MAX``, then it starts over) and ``write``
     updates the kept keys it writes, under the same lock as the batch: every
     change of the database goes through ``write`` or ``replace_from``, so the
     cache always says what LevelDB would."""
@@ -106,6 +113,7 @@ class Store:
         self._applied = decode_index(self._db.get(APPLIED_KEY))
         self._dumps_cancel = threading.Event()
         self._cache: dict[bytes, bytes | None] = {}
+        self._cache_bytes = 0
 
     # -- reads and writes ---------------------------------------------------
 
@@ -123,9 +131,12 @@ class Store:
                 pass
             value: bytes | None = self._db.get(key)
             if value is None or len(value) <= READ_CACHE_VALUE_BYTES_MAX:
-                if len(cache) >= READ_CACHE_KEYS_MAX:
+                size = _cached_size(key, value)
+                if self._cache_bytes + size > READ_CACHE_BYTES_MAX:
                     cache.clear()  # (cheaper than dropping the oldest one by one)
+                    self._cache_bytes = 0
                 cache[key] = value
+                self._cache_bytes += size
             return value
 
     def scan(self, start: bytes, stop: bytes, limit: int) -> list[tuple[bytes, bytes]]:
@@ -160,8 +171,10 @@ class Store:
             cache = self._cache
             for key, value in writes.items():
                 if key in cache:
+                    self._cache_bytes -= _cached_size(key, cache[key])
                     if value is None or len(value) <= READ_CACHE_VALUE_BYTES_MAX:
                         cache[key] = value
+                        self._cache_bytes += _cached_size(key, value)
                     else:
                         del cache[key]
             applied = writes.get(APPLIED_KEY)
@@ -220,6 +233,7 @@ class Store:
             write_file_durably(self.directory / "CURRENT", name.encode())
             self._db = fresh
             self._cache.clear()
+            self._cache_bytes = 0
             self._name = name
             self._applied = decode_index(fresh.get(APPLIED_KEY))
         shutil.rmtree(self.directory / old_name, ignore_errors=True)

@@ -35,7 +35,7 @@ STEPS = st.lists(st.one_of(
 @given(steps=STEPS)
 def test_reads_match_a_dict_through_writes_and_installs(steps: list[tuple[str, object]]) -> None:
     with pytest.MonkeyPatch.context() as patch, tempfile.TemporaryDirectory() as tmp:
-        patch.setattr(leveldb, "READ_CACHE_KEYS_MAX", 8)
+        patch.setattr(leveldb, "READ_CACHE_BYTES_MAX", 8 * 110)
         store = Store(Path(tmp) / "state")
         model: dict[bytes, bytes] = {}
         index = 0
@@ -72,5 +72,20 @@ def test_a_small_value_read_once_is_served_from_memory_until_written(tmp_path: P
         assert store.get(b"a") == b"1"
         store.write({b"a": b"2", APPLIED_KEY: encode_index(2)})
         assert store.get(b"a") == b"2"
+    finally:
+        store.close()
+
+
+def test_the_cache_stays_within_its_byte_budget(tmp_path: Path) -> None:
+    store = Store(tmp_path / "state")
+    try:
+        value = b"v" * leveldb.READ_CACHE_VALUE_BYTES_MAX
+        store.write({**{b"k%06d" % i: value for i in range(5000)}, APPLIED_KEY: encode_index(1)})
+        for i in range(5000):
+            assert store.get(b"k%06d" % i) == value
+            store.write({b"k%06d" % i: value[:1 + i % 100], APPLIED_KEY: encode_index(2 + i)})
+            assert store._cache_bytes == sum(leveldb._cached_size(k, v)
+                                             for k, v in store._cache.items())
+            assert store._cache_bytes <= leveldb.READ_CACHE_BYTES_MAX
     finally:
         store.close()

@@ -612,6 +612,10 @@ class NodeServer:
                 "entries_proposed": proposer.entries_proposed if proposer else 0,
                 "commands_proposed": proposer.commands_proposed if proposer else 0,
                 "urgent_proposed": proposer.urgent_proposed if proposer else 0,
+                # Strong reads served by read index, and the heartbeat rounds
+                # that confirmed them (reads arriving together share a round).
+                "reads_served": replica.transport.reads.served,
+                "read_rounds": replica.transport.reads.rounds,
             })
         return {
             "node": self.node.id, "dc": self.node.dc, "pid": os.getpid(),

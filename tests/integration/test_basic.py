@@ -200,3 +200,20 @@ async def test_unknown_keyspace_is_refused(cluster: LocalCluster) -> None:
             await kv.cas("k-of-no-keyspace", None, "v")
     async with open_client(cluster.client_addresses()) as kv:
         assert await kv.get("k-of-no-keyspace") is None
+
+
+async def test_status_counts_strong_reads_and_their_rounds(cluster: LocalCluster) -> None:
+    def totals() -> tuple[int, int]:
+        shards = [shard for status in cluster.statuses(timeout_s=5.0).values() if status
+                  for shard in status.get("shards", [])]
+        return (sum(s["reads_served"] for s in shards), sum(s["read_rounds"] for s in shards))
+
+    served_before, rounds_before = await trio.to_thread.run_sync(totals)
+    async with open_client(cluster.client_addresses()) as kv:
+        await kv.put("status-reads", "v")
+        async with trio.open_nursery() as nursery:
+            for _ in range(20):
+                nursery.start_soon(kv.get, "status-reads")
+    served, rounds = await trio.to_thread.run_sync(totals)
+    assert served - served_before >= 20
+    assert 1 <= rounds - rounds_before <= served - served_before

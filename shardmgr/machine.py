@@ -23,7 +23,7 @@ import cbor2
 from raftkv.statemachine import layout
 from raftkv.statemachine.apply import ApplyOutput, StateView
 from raftkv.statemachine.commands import Barrier, MalformedEntry
-from shardmgr.state import ClusterState
+from shardmgr.state import ClusterState, Previous
 
 STATE_KEY = b"m/state"
 VERSION_KEY = b"m/version"
@@ -39,11 +39,6 @@ class SetState:
     data: dict[str, Any] | None = None
     """``state.to_json()``, when the proposer has it already."""
 
-
-Previous = tuple[dict[str, Any], ClusterState]
-"""The last state a replica stored, as data and decoded: decoding the next
-proposal reuses the moves that did not change (most of them: a reshard keeps
-every move in the state, and each change touches one or two)."""
 
 
 ManagerCommand = SetState | Barrier

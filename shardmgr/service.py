@@ -69,7 +69,6 @@ from shardmgr import reshard as rs
 from shardmgr import state as st
 from shardmgr.machine import (
     STATE_KEY,
-    Previous,
     SetState,
     encode_manager_commands,
     load_state,
@@ -152,7 +151,7 @@ class ManagerServer:
         self._state_raw: bytes | None = None
         # The state the last applied entry stored (Raft thread only): the next
         # entry's decoding reuses its unchanged moves.
-        self._applied_last: Previous | None = None
+        self._applied_last: st.Previous | None = None
         self._state_changed = trio.Event()
         self._change_lock = trio.Lock()
         self._pending: list[_Change] = []
@@ -208,12 +207,11 @@ class ManagerServer:
         """The state machine, plus a note to the trio side when the state
         changed (so map watchers wake at once, without polling)."""
         out, stored = manager_apply_state(view, index, payload, self._applied_last)
-        raw = out.writes.get(STATE_KEY)
-        if stored is not None:
+        if stored is not None:  # (then the state was written)
             self._applied_last = stored
-        token = self._token
-        if raw is not None and token is not None:
-            token.run_sync_soon(self._install_state, raw, stored[1] if stored else None)
+            token = self._token
+            if token is not None:
+                token.run_sync_soon(self._install_state, out.writes[STATE_KEY], stored[1])
         return out
 
     def _install_state(self, raw: bytes | None, state: st.ClusterState | None = None) -> None:

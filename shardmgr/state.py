@@ -166,20 +166,15 @@ class ClusterState:
 
     # -- codec ----------------------------------------------------------------
 
-    def to_json(self, previous: tuple[Mapping[str, Any], ClusterState] | None = None,
-                ) -> dict[str, Any]:
+    def to_json(self, previous: Previous | None = None) -> dict[str, Any]:
         """This state as json-like data. ``previous``: an earlier state, as data
         and decoded, whose moves' data is reused for the moves this state
         shares with it (the same objects: states are immutable)."""
+        known = _known_moves(previous)
         moves: list[Any] = []
-        known: dict[Any, Any] = {}
-        if previous is not None:
-            known = {m["id"]: m for m in previous[0].get("moves", ())}
         for move_id, move in sorted(self.moves.items()):
-            data = known.get(move_id)
-            if data is None or previous is None or previous[1].moves.get(move_id) is not move:
-                data = move.to_json()
-            moves.append(data)
+            old = known.get(move_id)
+            moves.append(old[0] if old is not None and old[1] is move else move.to_json())
         return {
             "version": self.version,
             "nodes": [_flat(n) for n in sorted(self.nodes.values(), key=lambda n: n.id)],
@@ -201,8 +196,7 @@ class ClusterState:
         }
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any],
-                  previous: tuple[Mapping[str, Any], ClusterState] | None = None,
+    def from_json(cls, data: Mapping[str, Any], previous: Previous | None = None,
                   ) -> ClusterState:
         """The state ``data`` encodes. ``previous``: an earlier state, as data
         and decoded, whose moves are reused where their data is equal (the
@@ -218,17 +212,27 @@ class ClusterState:
                                s["owned"], s["created_version"])
             for s in data["shards"]
         }
+        known = _known_moves(previous)
         moves: dict[int, Move] = {}
-        known: dict[Any, tuple[Mapping[str, Any], Move]] = {}
-        if previous is not None:
-            known = {m["id"]: (m, previous[1].moves[m["id"]])
-                     for m in previous[0].get("moves", ())}
         for m in data.get("moves", ()):
             old = known.get(m["id"])
             moves[m["id"]] = old[1] if old is not None and old[0] == m else Move.from_json(m)
         reshards = {r["keyspace"]: Reshard.from_json(r) for r in data.get("reshards", ())}
         return cls(data["version"], nodes, keyspaces, shards, data["next_keyspace_id"],
                    data["next_shard_id"], moves, reshards, data.get("next_move_id", 1))
+
+
+Previous = tuple[Mapping[str, Any], ClusterState]
+"""A state as data and decoded (``ClusterState.to_json`` of it, and it):
+encoding or decoding a later state reuses the moves they share (a reshard
+keeps every move in the state, and each change touches one or two)."""
+
+
+def _known_moves(previous: Previous | None) -> dict[Any, tuple[Mapping[str, Any], Move]]:
+    """Move id -> (its data, the Move) in ``previous``."""
+    if previous is None:
+        return {}
+    return {m["id"]: (m, previous[1].moves[m["id"]]) for m in previous[0].get("moves", ())}
 
 
 def _flat(record: NodeInfo | ReplicaInfo | KeyspaceInfo) -> dict[str, Any]:

@@ -72,7 +72,7 @@ class Move:
 
     def to_json(self) -> dict[str, Any]:
         """Fields that differ from their defaults: a reshard keeps every move
-        in the manager's state, which is written whole on each change."""
+        in the manager's state, a record each (``shardmgr.machine``)."""
         out = {}
         for name, default in _MOVE_FIELDS:
             value = getattr(self, name)

@@ -71,8 +71,8 @@ from shardmgr.machine import (
     STATE_KEY,
     SetState,
     encode_manager_commands,
-    load_state,
     manager_apply_state,
+    read_state,
 )
 from shardmgr.moves import FINAL
 from shardmgr.placement import (
@@ -150,8 +150,8 @@ class ManagerServer:
         self.state = st.ClusterState()
         self._state_raw: bytes | None = None
         # The state the last applied entry stored (Raft thread only): the next
-        # entry's decoding reuses its unchanged moves.
-        self._applied_last: st.Previous | None = None
+        # entry's patch applies to it without reading the stored moves.
+        self._applied_last: st.ClusterState | None = None
         self._state_changed = trio.Event()
         self._change_lock = trio.Lock()
         self._pending: list[_Change] = []
@@ -192,7 +192,7 @@ class ManagerServer:
         self.proposer = Proposer(self.replica, self._token,
                                  encode=encode_manager_commands, timeout_s=REQUEST_TIMEOUT_S)
         # Notes from apply start now; the state applied before is in the store.
-        self._install_state(self.replica.store.get(STATE_KEY))
+        self._install_state(*read_state(self.replica.store))
         listeners = await trio.open_tcp_listeners(self.me.client_port, host=self.me.host)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
@@ -211,14 +211,12 @@ class ManagerServer:
             self._applied_last = stored
             token = self._token
             if token is not None:
-                token.run_sync_soon(self._install_state, out.writes[STATE_KEY], stored[1])
+                token.run_sync_soon(self._install_state, out.writes[STATE_KEY], stored)
         return out
 
-    def _install_state(self, raw: bytes | None, state: st.ClusterState | None = None) -> None:
+    def _install_state(self, raw: bytes | None, state: st.ClusterState) -> None:
         if raw == self._state_raw:
             return
-        if state is None:
-            state = load_state(raw)
         if state.version < self.state.version:
             return  # a late note about an older state
         self._state_raw, self.state = raw, state
@@ -258,9 +256,10 @@ class ManagerServer:
         return self._decoded(self.replica.store.get(STATE_KEY))
 
     def _decoded(self, raw: bytes | None) -> st.ClusterState:
-        """The state stored as ``raw``: usually the one installed last (states
-        are immutable), so nothing to decode."""
-        return self.state if raw == self._state_raw else load_state(raw)
+        """The state stored with ``raw``: usually the one installed last (states
+        are immutable), so nothing to read; else the store's (that one or later)."""
+        assert self.replica is not None
+        return self.state if raw == self._state_raw else read_state(self.replica.store)[1]
 
     async def change(self, fn: Callable[[st.ClusterState], st.ClusterState]) -> st.ClusterState:
         """Apply ``fn`` to the committed state and commit the result (compare-
@@ -295,7 +294,7 @@ class ManagerServer:
                         slot.result, slot.error = None, exc
                 if new.version == current.version:
                     return
-                command = SetState(current.version, new, new.to_json(self._applied_last))
+                command = SetState(current.version, new, since=current)
                 result = await self._await(functools.partial(self.proposer.propose, command))
                 if result.get("ok"):
                     return

@@ -166,15 +166,14 @@ class ClusterState:
 
     # -- codec ----------------------------------------------------------------
 
-    def to_json(self, previous: Previous | None = None) -> dict[str, Any]:
-        """This state as json-like data. ``previous``: an earlier state, as data
-        and decoded, whose moves' data is reused for the moves this state
-        shares with it (the same objects: states are immutable)."""
-        known = _known_moves(previous)
-        moves: list[Any] = []
-        for move_id, move in sorted(self.moves.items()):
-            old = known.get(move_id)
-            moves.append(old[0] if old is not None and old[1] is move else move.to_json())
+    def to_json(self) -> dict[str, Any]:
+        """This state as json-like data."""
+        return {**self.base_json(), "moves": [m.to_json() for _, m in sorted(self.moves.items())]}
+
+    def base_json(self) -> dict[str, Any]:
+        """Every field but the moves, as json-like data: the shard manager
+        stores each move under a key of its own (``shardmgr.machine``), so
+        a change writes what it changed, not every move of a reshard."""
         return {
             "version": self.version,
             "nodes": [_flat(n) for n in sorted(self.nodes.values(), key=lambda n: n.id)],
@@ -190,17 +189,14 @@ class ClusterState:
             ],
             "next_keyspace_id": self.next_keyspace_id,
             "next_shard_id": self.next_shard_id,
-            "moves": moves,
             "reshards": [r.to_json() for _, r in sorted(self.reshards.items())],
             "next_move_id": self.next_move_id,
         }
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any], previous: Previous | None = None,
-                  ) -> ClusterState:
-        """The state ``data`` encodes. ``previous``: an earlier state, as data
-        and decoded, whose moves are reused where their data is equal (the
-        same result, without building the unchanged moves again)."""
+    def from_json(cls, data: Mapping[str, Any]) -> ClusterState:
+        """The state ``data`` encodes (``to_json``; without ``moves``, as
+        ``base_json`` writes it, a state with no moves)."""
         nodes = {n["id"]: NodeInfo(**n) for n in data["nodes"]}
         keyspaces = {
             k["name"]: KeyspaceInfo(**{**k, "logical_map": tuple(k["logical_map"])})
@@ -212,27 +208,10 @@ class ClusterState:
                                s["owned"], s["created_version"])
             for s in data["shards"]
         }
-        known = _known_moves(previous)
-        moves: dict[int, Move] = {}
-        for m in data.get("moves", ()):
-            old = known.get(m["id"])
-            moves[m["id"]] = old[1] if old is not None and old[0] == m else Move.from_json(m)
+        moves = {m["id"]: Move.from_json(m) for m in data.get("moves", ())}
         reshards = {r["keyspace"]: Reshard.from_json(r) for r in data.get("reshards", ())}
         return cls(data["version"], nodes, keyspaces, shards, data["next_keyspace_id"],
                    data["next_shard_id"], moves, reshards, data.get("next_move_id", 1))
-
-
-Previous = tuple[Mapping[str, Any], ClusterState]
-"""A state as data and decoded (``ClusterState.to_json`` of it, and it):
-encoding or decoding a later state reuses the moves they share (a reshard
-keeps every move in the state, and each change touches one or two)."""
-
-
-def _known_moves(previous: Previous | None) -> dict[Any, tuple[Mapping[str, Any], Move]]:
-    """Move id -> (its data, the Move) in ``previous``."""
-    if previous is None:
-        return {}
-    return {m["id"]: (m, previous[1].moves[m["id"]]) for m in previous[0].get("moves", ())}
 
 
 def _flat(record: NodeInfo | ReplicaInfo | KeyspaceInfo) -> dict[str, Any]:

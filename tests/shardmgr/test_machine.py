@@ -1,5 +1,6 @@
 """The shard manager group's state machine (shardmgr.machine): compare-and-set
-of the versioned state, barriers, malformed entries, and the entry codec.
+of the versioned state, patches, the stored parts (and stores in the earlier
+whole form), barriers, malformed entries, and the entry codec.
 
 Entries are applied to a ``MemoryState`` as a replica would: the output's
 writes are committed before the next entry. Known bugs are
@@ -21,14 +22,18 @@ from raftkv.statemachine import layout
 from raftkv.statemachine.apply import ApplyOutput, MemoryState
 from raftkv.statemachine.commands import Barrier
 from shardmgr.machine import (
+    MOVE_PREFIX,
+    PARTS_KEY,
     STATE_KEY,
     VERSION_KEY,
+    PatchState,
     SetState,
     _decode,
     encode_manager_commands,
-    load_state,
     manager_apply,
     manager_apply_state,
+    move_key,
+    read_state,
 )
 from shardmgr.moves import Move
 from shardmgr.state import ClusterState, NodeInfo, create_keyspace, mark_owned, register_node
@@ -48,11 +53,18 @@ def sample_state(version: int) -> ClusterState:
 
 
 def stored(version: int) -> MemoryState:
+    """A store of an earlier version: the whole state under one key."""
     return MemoryState({STATE_KEY: cbor2.dumps(sample_state(version).to_json())})
 
 
 def stored_state(view: MemoryState) -> ClusterState:
-    return load_state(view.get(STATE_KEY))
+    return read_state(view)[1]
+
+
+def in_parts(state: ClusterState) -> dict[bytes, bytes | None]:
+    """What a store in parts holds for ``state`` (but its version)."""
+    return {STATE_KEY: cbor2.dumps(state.base_json()), PARTS_KEY: b"1",
+            **{move_key(i): cbor2.dumps(m.to_json()) for i, m in state.moves.items()}}
 
 
 def applied_only(index: int) -> dict[bytes, bytes | None]:
@@ -77,7 +89,7 @@ def test_manager_apply_stores_a_set_with_the_expected_version() -> None:
     out = manager_apply(view, 7, encode_manager_commands([SetState(0, new)]))
     assert out.error is None
     assert out.results == [{"i": 7, "ok": True, "version": 1}]
-    assert out.writes == {**applied_only(7), STATE_KEY: cbor2.dumps(new.to_json()),
+    assert out.writes == {**applied_only(7), **in_parts(new),
                           VERSION_KEY: layout.encode_index(1)}
     assert view.data == {}, "manager_apply must not write through the view"
     view.commit(out.writes)
@@ -155,7 +167,7 @@ def test_manager_apply_runs_the_commands_of_one_entry_in_order() -> None:
         {"i": 20, "ok": False, "version": 4},
         {"i": 20, "ok": False, "version": 4},
     ]
-    assert out.writes == {**applied_only(20), STATE_KEY: cbor2.dumps(sample_state(4).to_json()),
+    assert out.writes == {**applied_only(20), **in_parts(sample_state(4)),
                           VERSION_KEY: layout.encode_index(4)}
     assert stored_state(view) == sample_state(4)
 
@@ -196,6 +208,8 @@ def test_manager_apply_an_empty_entry_answers_nothing() -> None:
 # malformed entries
 
 STATE_JSON = sample_state(5).to_json()
+BASE_JSON = sample_state(5).base_json()
+MOVE_JSON = Move(1, "ks", 0, 4, 1, 1, 2).to_json()
 MALFORMED: dict[str, bytes] = {
     "empty payload": b"",
     "truncated cbor": cbor2.dumps([["b"]])[:-1],
@@ -219,6 +233,19 @@ MALFORMED: dict[str, bytes] = {
     "set with a state that is a list": cbor2.dumps([["set", 0, [1, 2]]]),
     "good set then unknown command": cbor2.dumps([["set", 0, STATE_JSON], ["zz"]]),
     "barrier then junk": cbor2.dumps([["b"], 7]),
+    "patch without removed ids": cbor2.dumps([["patch", 0, BASE_JSON, []]]),
+    "patch with moves in its state": cbor2.dumps([["patch", 0, STATE_JSON, [], []]]),
+    "patch with a state that is a list": cbor2.dumps([["patch", 0, [1], [], []]]),
+    "patch with a string version": cbor2.dumps([["patch", "0", BASE_JSON, [], []]]),
+    "patch with a string removed id": cbor2.dumps([["patch", 0, BASE_JSON, [], ["1"]]]),
+    "patch with moves that are not a list": cbor2.dumps([["patch", 0, BASE_JSON, {}, []]]),
+    "patch with a move that is not a map": cbor2.dumps([["patch", 0, BASE_JSON, [1], []]]),
+    "patch with a move missing a field": cbor2.dumps(
+        [["patch", 0, BASE_JSON, [{"id": 1, "keyspace": "ks"}], []]]),
+    "patch with a move with a string id": cbor2.dumps(
+        [["patch", 0, BASE_JSON, [{**MOVE_JSON, "id": "1"}], []]]),
+    "patch with one move twice": cbor2.dumps(
+        [["patch", 0, BASE_JSON, [MOVE_JSON, MOVE_JSON], []]]),
 }
 
 
@@ -246,9 +273,15 @@ def test_manager_apply_a_malformed_entry_writes_only_the_index(
         {"id": "a", "dc": "d", "host": "h", "client_port": 1, "raft_port_min": 1,
          "raft_port_max": 2, "capacity": 1}]},
 ], ids=["string version", "null version", "mixed node id types"])
-def test_manager_apply_a_set_with_an_ill_typed_state_never_raises(
-        state_json: dict[str, Any]) -> None:
-    out = manager_apply(MemoryState(), 8, cbor2.dumps([["set", 0, state_json]]))
+@pytest.mark.parametrize("as_patch", [False, True], ids=["set", "patch"])
+def test_manager_apply_a_change_to_an_ill_typed_state_never_raises(
+        state_json: dict[str, Any], as_patch: bool) -> None:
+    if as_patch:
+        base = {k: v for k, v in state_json.items() if k != "moves"}
+        payload = cbor2.dumps([["patch", 0, base, [], []]])
+    else:
+        payload = cbor2.dumps([["set", 0, state_json]])
+    out = manager_apply(MemoryState(), 8, payload)
     assert out.writes == applied_only(8)
     assert out.error is not None
 
@@ -293,6 +326,26 @@ def test_manager_entry_round_trips_through_the_decoder(commands: list[Any]) -> N
     raw = encode_manager_commands(commands)
     assert _decode(raw) == commands
     assert encode_manager_commands(_decode(raw)) == raw
+
+
+def test_a_change_proposed_since_a_state_is_encoded_as_a_patch() -> None:
+    before = with_moves(sample_state(4), 3)
+    move = replace(before.moves[2], phase="copy")
+    after = replace(before, version=5, moves={1: before.moves[1], 2: move, 4: move_of(4)})
+    raw = encode_manager_commands([SetState(4, after, since=before)])
+    assert cbor2.loads(raw) == [["patch", 4, after.base_json(),
+                                 [move.to_json(), move_of(4).to_json()], [3]]]
+    [decoded] = _decode(raw)
+    assert decoded == PatchState(4, replace(after, moves={}), (move, move_of(4)), (3,))
+    assert encode_manager_commands([decoded]) == raw
+
+
+def move_of(move_id: int, **fields: Any) -> Move:
+    return Move(move_id, "ks", 0, 4, move_id % 4, 1, 2, **fields)
+
+
+def with_moves(state: ClusterState, count: int) -> ClusterState:
+    return replace(state, moves={i: move_of(i) for i in range(1, count + 1)})
 
 
 # ---------------------------------------------------------------------------
@@ -342,7 +395,7 @@ def test_manager_apply_matches_a_compare_and_set_model(
         out = manager_apply(view, index, encode_manager_commands(commands))
         assert out.error is None
         assert out.results == expected_results
-        assert set(out.writes) <= {layout.APPLIED_KEY, STATE_KEY, VERSION_KEY}
+        assert set(out.writes) <= {layout.APPLIED_KEY, STATE_KEY, VERSION_KEY, PARTS_KEY}
         view.commit(out.writes)
         assert stored_state(view) == model_state
         assert layout.decode_index(view.get(VERSION_KEY)) == version
@@ -350,7 +403,7 @@ def test_manager_apply_matches_a_compare_and_set_model(
 
 
 # ---------------------------------------------------------------------------
-# decoding and encoding against the previous state (unchanged moves reused)
+# patches: what changed, stored in parts
 
 MOVE_FIELDS = st.fixed_dictionaries({
     "phase": st.sampled_from(["prepare", "copy", "freeze", "done", "abort"]),
@@ -361,7 +414,8 @@ MOVE_FIELDS = st.fixed_dictionaries({
 
 @st.composite
 def move_histories(draw: st.DrawFn) -> list[ClusterState]:
-    """States one version apart whose moves are added, changed and removed."""
+    """States one version apart whose moves are added, changed and removed
+    (an unchanged move is the same object, as the state's changes keep it)."""
     state = sample_state(1)
     states = [state]
     for _ in range(draw(st.integers(1, 8))):
@@ -370,40 +424,127 @@ def move_histories(draw: st.DrawFn) -> list[ClusterState]:
             if move_id in moves and draw(st.booleans()) and draw(st.booleans()):
                 del moves[move_id]
             else:
-                moves[move_id] = Move(move_id, "ks", 0, 4, move_id % 4, 1, 2,
-                                      **draw(MOVE_FIELDS))
-        state = replace(state, version=state.version + 1, moves=moves)
+                moves[move_id] = move_of(move_id, **draw(MOVE_FIELDS))
+        next_shard_id = state.next_shard_id + draw(st.integers(0, 1))
+        state = replace(state, version=state.version + 1, moves=moves,
+                        next_shard_id=next_shard_id)
         states.append(state)
     return states
 
 
-@PROPERTY
-@given(move_histories())
-def test_decoding_and_encoding_with_the_previous_state_change_nothing(
-        states: list[ClusterState]) -> None:
-    for before, after in itertools.pairwise(states):
-        data = cbor2.loads(cbor2.dumps(after.to_json()))
-        previous_data = cbor2.loads(cbor2.dumps(before.to_json()))
-        decoded = ClusterState.from_json(previous_data)
-        again = ClusterState.from_json(data, (previous_data, decoded))
-        assert again == after
-        for move_id, move in again.moves.items():  # reused exactly where unchanged
-            assert (move is decoded.moves.get(move_id)) == (move == before.moves.get(move_id))
-        assert after.to_json((before.to_json(), before)) == after.to_json()
+def stored_moves(view: MemoryState) -> dict[bytes, bytes]:
+    return {k: v for k, v in view.data.items() if k.startswith(MOVE_PREFIX)}
 
 
 @PROPERTY
-@given(move_histories())
-def test_manager_apply_with_the_previous_state_gives_the_same_output(
-        states: list[ClusterState]) -> None:
-    plain, hinted = MemoryState(), MemoryState()
+@given(move_histories(), st.booleans())
+def test_patches_store_what_whole_states_store(states: list[ClusterState],
+                                                from_whole_store: bool) -> None:
+    """The same history as patches (with and without the state stored last
+    at hand) and as whole states: the same results, the same stored state,
+    each move under its key and no other, from an empty store or from one in
+    the earlier whole form."""
+    first = states[0]
+    views = [MemoryState(dict(stored(1).data)) if from_whole_store else MemoryState()
+             for _ in range(3)]
+    if not from_whole_store:
+        for view in views:
+            apply_and_commit(view, 1, [SetState(0, first)])
     previous: Any = None
-    for index, (before, after) in enumerate(itertools.pairwise([ClusterState(), *states]), 1):
-        payload = encode_manager_commands([SetState(before.version, after)])
-        out = manager_apply(plain, index, payload)
-        out_hinted, stored = manager_apply_state(hinted, index, payload, previous)
-        assert (out_hinted.writes, out_hinted.results) == (out.writes, out.results)
-        assert stored is not None and stored[1] == after and stored[0] == after.to_json()
-        plain.commit(out.writes)
-        hinted.commit(out_hinted.writes)
-        previous = stored
+    for index, (before, after) in enumerate(itertools.pairwise(states), 2):
+        patch = encode_manager_commands([SetState(before.version, after, since=before)])
+        whole = encode_manager_commands([SetState(before.version, after)])
+        outs = [manager_apply(views[0], index, patch),
+                manager_apply(views[1], index, whole)]
+        hinted, stored_now = manager_apply_state(views[2], index, patch, previous)
+        outs.append(hinted)
+        assert stored_now == after
+        previous = stored_now
+        for view, out in zip(views, outs, strict=True):
+            assert out.error is None
+            assert out.results == [{"i": index, "ok": True, "version": after.version}]
+            view.commit(out.writes)
+            assert stored_state(view) == after
+            assert stored_moves(view) == {k: v for k, v in in_parts(after).items()
+                                          if k.startswith(MOVE_PREFIX)}
+            assert view.data[PARTS_KEY] == b"1"
+            assert "moves" not in cbor2.loads(view.data[STATE_KEY])
+
+
+@PROPERTY
+@given(move_histories())
+def test_a_patch_against_another_state_is_refused(states: list[ClusterState]) -> None:
+    """A patch applies only to the version it was computed from: the
+    compare-and-set refuses it anywhere else, and nothing is written."""
+    view = MemoryState()
+    apply_and_commit(view, 1, [SetState(0, states[-1])])
+    for before, after in itertools.pairwise(states):
+        if before.version == states[-1].version:
+            continue
+        out = manager_apply(view, 2, encode_manager_commands(
+            [SetState(before.version, after, since=before)]))
+        assert out.results == [{"i": 2, "ok": False, "version": states[-1].version}]
+        assert out.writes == applied_only(2)
+
+
+def test_a_previous_state_of_another_version_or_form_is_not_used() -> None:
+    """``previous`` only saves reading the stored moves: one of another
+    version, or any while the store is still whole, is read past."""
+    before = with_moves(sample_state(3), 2)
+    after = replace(before, version=4, moves={**before.moves, 3: move_of(3)})
+    whole = MemoryState({STATE_KEY: cbor2.dumps(before.to_json())})
+    patch = encode_manager_commands([SetState(3, after, since=before)])
+    assert len(cbor2.loads(patch)[0][3]) == 1  # (moves 1 and 2 are not in it)
+    wrong = with_moves(sample_state(3), 0)  # version 3, but not the stored state
+    out, stored_now = manager_apply_state(whole, 5, patch, wrong)
+    whole.commit(out.writes)
+    assert stored_state(whole) == after == stored_now
+    assert set(stored_moves(whole)) == {move_key(i) for i in (1, 2, 3)}
+    stale = replace(sample_state(2), moves={5: move_of(5)})  # another version: not used
+    later = replace(after, version=5, moves={**after.moves, 1: move_of(1, phase="copy")})
+    out, stored_now = manager_apply_state(whole, 6, encode_manager_commands(
+        [SetState(4, later, since=after)]), stale)
+    whole.commit(out.writes)
+    assert stored_state(whole) == later == stored_now
+    assert set(out.writes) == {layout.APPLIED_KEY, STATE_KEY, VERSION_KEY, move_key(1)}
+
+
+def test_a_change_writes_only_the_moves_it_changed() -> None:
+    """A reshard's state holds every move; a change of one writes one (the
+    entry and the writes would otherwise grow with the moves)."""
+    before = with_moves(sample_state(1), 192)
+    view = MemoryState()
+    apply_and_commit(view, 1, [SetState(0, before)])
+    after = replace(before, version=2, moves={**before.moves, 7: move_of(7, phase="copy")})
+    payload = encode_manager_commands([SetState(1, after, since=before)])
+    assert len(payload) < len(encode_manager_commands([SetState(1, after)])) / 10
+    out = apply_and_commit(view, 2, [SetState(1, after, since=before)])
+    assert set(out.writes) == {layout.APPLIED_KEY, STATE_KEY, VERSION_KEY, move_key(7)}
+    assert stored_state(view) == after
+    gone = replace(after, version=3, moves={i: m for i, m in after.moves.items() if i != 9})
+    out = apply_and_commit(view, 3, [SetState(2, gone, since=after)])
+    assert out.writes[move_key(9)] is None
+    assert stored_state(view) == gone
+
+
+def test_a_state_is_read_again_when_it_changes_under_the_reader() -> None:
+    """``read_state`` from another thread: a change stored between reading
+    the state's key and its moves is seen, and the parts read again."""
+    before, after = with_moves(sample_state(1), 2), with_moves(sample_state(2), 3)
+    view = MemoryState()
+    apply_and_commit(view, 1, [SetState(0, before)])
+    change = manager_apply(view, 2, encode_manager_commands([SetState(1, after, since=before)]))
+
+    class Racing(MemoryState):
+        scans = 0
+
+        def scan(self, start: bytes, stop: bytes, limit: int) -> list[tuple[bytes, bytes]]:
+            found = super().scan(start, stop, limit)
+            self.scans += 1
+            if self.scans == 1:
+                self.commit(change.writes)  # the change lands after the first scan
+            return found
+
+    racing = Racing(dict(view.data))
+    assert read_state(racing) == (racing.data[STATE_KEY], after)
+    assert racing.scans == 2

@@ -350,7 +350,8 @@ class NodeServer:
             proposer.propose(moves.MoveStep(request.step, request.keyspace_id,
                                             request.logical_shard, request.move_id,
                                             request.data), _plain(reply),
-                             urgent=moves.is_cutover(request.step, request.data))
+                             urgent=moves.is_cutover(request.step, request.data),
+                             separate=not moves.is_cutover(request.step, request.data))
         elif isinstance(request, MoveReadRequest):
             self._move_read(request, reply)
         elif isinstance(request, TransferRequest):

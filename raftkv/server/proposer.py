@@ -48,6 +48,7 @@ class _Batch:
     bytes: int = 0
     proposed_at: float = 0.0
     done: bool = False
+    separate: bool = False  # a batch of the separate lane (see ``propose``)
 
 
 class Proposer:
@@ -65,18 +66,35 @@ class Proposer:
         self.batch_bytes_max = batch_bytes_max
         self._pending = _Batch()
         self._in_flight = 0
+        self._separate = _Batch(separate=True)
+        self._separate_in_flight = 0
         self.entries_proposed = 0
         self.commands_proposed = 0
         self.urgent_proposed = 0
 
     def propose(self, command: Any, on_done: OnDone, size_bytes: int = 0, *,
-                urgent: bool = False) -> None:
+                urgent: bool = False, separate: bool = False) -> None:
         """Replicate one command; ``on_done(apply result, None)`` or ``(None, error)``.
 
         ``urgent``: propose it now, with whatever is pending, even past
         ``in_flight_max`` (a move's cutover steps: the logical shard is
         unavailable until they commit, so they do not wait a round behind the
-        entry in flight)."""
+        entry in flight).
+
+        ``separate``: in entries of their own, one in flight at a time, beside
+        the window of the other commands (a move's other steps: they neither
+        wait a round behind clients' writes nor hold them back one. A worker
+        sends a move's steps one after the other, and they touch a logical
+        shard that takes no client writes in this group, so the order between
+        the two lanes does not matter)."""
+        if separate:
+            lane = self._separate
+            lane.commands.append(command)
+            lane.waiters.append(on_done)
+            lane.bytes += size_bytes
+            if self._separate_in_flight == 0:
+                self._flush_separate()
+            return
         batch = self._pending
         batch.commands.append(command)
         batch.waiters.append(on_done)
@@ -100,17 +118,28 @@ class Proposer:
         if self._in_flight < self.in_flight_max or full:
             self._flush()
 
+    def _flush_separate(self) -> None:
+        batch = self._separate
+        if not batch.commands:
+            return
+        self._separate = _Batch(separate=True)
+        self._separate_in_flight += 1
+        self._submit(batch)
+
     def _flush(self) -> None:
         batch = self._pending
         if not batch.commands and not batch.readers:
             return
         self._pending = _Batch()
+        self._in_flight += 1
+        self._submit(batch)
+
+    def _submit(self, batch: _Batch) -> None:
         batch.proposed_at = trio.current_time()
         self._in_flight_batches.add(batch)
         commands: list[Any] = list(batch.commands)
         if batch.readers:
             commands.append(Barrier())
-        self._in_flight += 1
         self.entries_proposed += 1
         self.commands_proposed += len(commands)
 
@@ -134,16 +163,21 @@ class Proposer:
         for batch in [b for b in self._in_flight_batches if b.proposed_at < proposed_before]:
             self._complete(batch, None, error)
         if proposed_before == float("inf"):
-            for on_done in self._pending.waiters + self._pending.readers:
+            for on_done in (self._pending.waiters + self._pending.readers
+                            + self._separate.waiters):
                 self._call(on_done, None, error)
             self._pending = _Batch()
+            self._separate = _Batch(separate=True)
 
     def _complete(self, batch: _Batch, results: Any, error: RaftKVError | None) -> None:
         if batch.done:
             return  # already expired; the late answer changes nothing for the waiters
         batch.done = True
         self._in_flight_batches.discard(batch)
-        self._in_flight -= 1
+        if batch.separate:
+            self._separate_in_flight -= 1
+        else:
+            self._in_flight -= 1
         expected = len(batch.commands) + bool(batch.readers)
         if error is None and not (isinstance(results, list) and len(results) == expected):
             error = InternalError(f"apply returned {results!r} for a batch of {expected}")
@@ -151,7 +185,10 @@ class Proposer:
             self._call(on_done, None if error else results[position], error)
         for on_done in batch.readers:
             self._call(on_done, None if error else results[-1], error)
-        self._maybe_flush()  # (past the window after an urgent entry: not yet)
+        if batch.separate:
+            self._flush_separate()
+        else:
+            self._maybe_flush()  # (past the window after an urgent entry: not yet)
 
     @staticmethod
     def _call(on_done: OnDone, result: Any, error: RaftKVError | None) -> None:

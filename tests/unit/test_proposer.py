@@ -100,3 +100,32 @@ async def test_an_urgent_command_goes_out_at_once_past_the_window() -> None:
     assert got == ["w1", "w2", "w3"]
     assert [len(c) for c, _ in replica.entries] == [1, 2, 1]
     assert proposer.urgent_proposed == 1
+
+
+async def test_separate_commands_have_a_lane_of_their_own() -> None:
+    """A move's steps (``separate``) go out in entries of their own, one in
+    flight at a time, neither waiting behind the clients' window nor holding
+    it: a client's write never waits a round behind a page of copied keys,
+    nor a page behind a client's write."""
+    replica = HeldReplica()
+    proposer = Proposer(replica, trio.lowlevel.current_trio_token(), in_flight_max=1)  # type: ignore[arg-type]
+    got: list[str] = []
+    proposer.propose(write(1), lambda r, e: got.append("w1"))
+    proposer.propose(write(2), lambda r, e: got.append("step2"), separate=True)
+    assert [len(c) for c, _ in replica.entries] == [1, 1]  # the step did not wait for w1
+    proposer.propose(write(3), lambda r, e: got.append("step3"), separate=True)
+    proposer.propose(write(4), lambda r, e: got.append("step4"), separate=True)
+    proposer.propose(write(5), lambda r, e: got.append("w5"))
+    assert len(replica.entries) == 2  # one step in flight; w5 waits for w1's entry only
+    replica.answer(0)
+    await trio.testing.wait_all_tasks_blocked()
+    assert got == ["w1"] and [len(c) for c, _ in replica.entries] == [1, 1, 1]  # w5 alone
+    replica.answer(1)
+    await trio.testing.wait_all_tasks_blocked()
+    assert got == ["w1", "step2"] and [len(c) for c, _ in replica.entries] == [1, 1, 1, 2]
+    replica.answer(3)
+    replica.answer(2)
+    await trio.testing.wait_all_tasks_blocked()
+    assert got == ["w1", "step2", "step3", "step4", "w5"]
+    proposer.expire(float("inf"), Timeout("closed"))  # nothing left over in either lane
+    assert len(got) == 5

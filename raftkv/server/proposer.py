@@ -12,6 +12,9 @@ entries beat a second one in flight (side by side, 64 clients, writes: about
 10 % more on 1 and on 8 physical shards, and no loss at 1 or 16 clients;
 docs/PERFORMANCE.md).
 
+A move's steps, but its cutover, have a lane of their own (``separate``):
+one entry in flight beside the window of the other commands.
+
 A barrier is a command that changes nothing. Every read that waits for one
 and arrives before an entry is proposed rides on that entry's barrier; once
 the barrier is applied on this leader, every write acknowledged before those

@@ -147,7 +147,7 @@ def manager_apply_state(view: StateView, index: int, payload: bytes,
         results: list[Any] = []
         version = _stored_version(view)
         current: ClusterState | None = None
-        whole = view.get(PARTS_KEY) is None  # (the earlier, whole form; or none)
+        whole = False  # the store holds the earlier, whole form (or nothing)
         for command in commands:
             if isinstance(command, Barrier):
                 results.append({"i": index})
@@ -157,7 +157,8 @@ def manager_apply_state(view: StateView, index: int, payload: bytes,
             if command.expected_version != version or new_version <= version:
                 results.append({"i": index, "ok": False, "version": version})
                 continue
-            if current is None:
+            if current is None:  # (read only for an entry that changes the state)
+                whole = view.get(PARTS_KEY) is None
                 if previous is not None and previous.version == version and not whole:
                     current = previous
                 else:

@@ -347,11 +347,11 @@ class NodeServer:
                                           request.keys_max), _plain(reply))
         elif isinstance(request, MoveRequest):
             _, proposer = self._leader_for(request.shard)
+            cutover = moves.is_cutover(request.step, request.data)
             proposer.propose(moves.MoveStep(request.step, request.keyspace_id,
                                             request.logical_shard, request.move_id,
                                             request.data), _plain(reply),
-                             urgent=moves.is_cutover(request.step, request.data),
-                             separate=not moves.is_cutover(request.step, request.data))
+                             urgent=cutover, separate=not cutover)
         elif isinstance(request, MoveReadRequest):
             self._move_read(request, reply)
         elif isinstance(request, TransferRequest):

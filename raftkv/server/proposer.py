@@ -90,19 +90,14 @@ class Proposer:
         sends a move's steps one after the other, and they touch a logical
         shard that takes no client writes in this group, so the order between
         the two lanes does not matter)."""
-        if separate:
-            lane = self._separate
-            lane.commands.append(command)
-            lane.waiters.append(on_done)
-            lane.bytes += size_bytes
-            if self._separate_in_flight == 0:
-                self._flush_separate()
-            return
-        batch = self._pending
+        batch = self._separate if separate else self._pending
         batch.commands.append(command)
         batch.waiters.append(on_done)
         batch.bytes += size_bytes
-        if urgent:
+        if separate:
+            if self._separate_in_flight == 0:
+                self._flush_separate()
+        elif urgent:
             self.urgent_proposed += 1
             self._flush()
         else:

@@ -129,3 +129,22 @@ async def test_separate_commands_have_a_lane_of_their_own() -> None:
     assert got == ["w1", "step2", "step3", "step4", "w5"]
     proposer.expire(float("inf"), Timeout("closed"))  # nothing left over in either lane
     assert len(got) == 5
+
+
+async def test_a_stale_step_of_the_separate_lane_times_out_and_frees_the_lane() -> None:
+    replica = HeldReplica()
+    proposer = Proposer(replica, trio.lowlevel.current_trio_token(), timeout_s=0.2)  # type: ignore[arg-type]
+    got: list[tuple[str, RaftKVError | None]] = []
+    proposer.propose(write(1), lambda r, e: got.append(("step1", e)), separate=True)
+    proposer.propose(write(2), lambda r, e: got.append(("step2", e)), separate=True)
+    assert len(replica.entries) == 1  # step2 waits for the lane
+    await trio.sleep(0.3)
+    proposer.expire_stale()
+    assert [name for name, _ in got] == ["step1"] and isinstance(got[0][1], Timeout)
+    assert len(replica.entries) == 2  # the lane went on with step2
+    replica.answer(0)  # the late answer of step1 reaches nobody twice, frees nothing twice
+    replica.answer(1)
+    await trio.testing.wait_all_tasks_blocked()
+    assert [name for name, _ in got] == ["step1", "step2"] and got[1][1] is None
+    proposer.propose(write(3), lambda r, e: got.append(("step3", e)), separate=True)
+    assert len(replica.entries) == 3  # nothing counted in flight any more

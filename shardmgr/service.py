@@ -60,6 +60,7 @@ from raftkv.errors import (
 )
 from raftkv.faults import FaultSpec
 from raftkv.protocol.messages import DEFAULT_LIMITS, decode_envelope
+from raftkv.replication.hub import Relay
 from raftkv.replication.replica import Replica
 from raftkv.server.node import FaultLinks, load_faults, run_until_signalled
 from raftkv.server.proposer import OnDone, Proposer
@@ -170,7 +171,7 @@ class ManagerServer:
                               frame_bytes_max=DEFAULT_LIMITS.frame_bytes_max,
                               drain_timeout_s=REQUEST_TIMEOUT_S)
         self._nursery: trio.Nursery | None = None
-        self._token: trio.lowlevel.TrioToken | None = None
+        self._relay: Relay | None = None  # the replica's hub thread to trio
 
     def open(self) -> None:
         peers = [m.raft_address for m in self.cluster.managers if m.id != self.me.id]
@@ -188,8 +189,8 @@ class ManagerServer:
 
     async def serve(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         assert self.replica is not None
-        self._token = trio.lowlevel.current_trio_token()
-        self.proposer = Proposer(self.replica, self._token,
+        self._relay = Relay(self.replica.hub, trio.lowlevel.current_trio_token().run_sync_soon)
+        self.proposer = Proposer(self.replica, self._relay,
                                  encode=encode_manager_commands, timeout_s=REQUEST_TIMEOUT_S)
         # Notes from apply start now; the state applied before is in the store.
         self._install_state(*read_state(self.replica.store))
@@ -209,9 +210,9 @@ class ManagerServer:
         out, stored = manager_apply_state(view, index, payload, self._applied_last)
         if stored is not None:  # (then the state was written)
             self._applied_last = stored
-            token = self._token
-            if token is not None:
-                token.run_sync_soon(self._install_state, out.writes[STATE_KEY], stored)
+            relay = self._relay
+            if relay is not None:
+                relay.run_sync_soon(self._install_state, out.writes[STATE_KEY], stored)
         return out
 
     def _install_state(self, raw: bytes | None, state: st.ClusterState) -> None:

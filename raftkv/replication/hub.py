@@ -7,8 +7,9 @@ on its own. With eight groups per process that cost about 2 ms of CPU per Raft
 entry and eight threads fighting for the GIL (docs/PERFORMANCE.md). The hub
 instead runs one loop per process:
 
-1. wait on one epoll for sockets, the groups' command pipes and the wake pipe,
-   and hand each received message to its group (``member.deliver``);
+1. wait on one epoll for sockets and the wake pipe (other threads' calls,
+   such as a proposal: ``call_soon``), and hand each received message to its
+   group (``member.deliver``);
 2. tick the groups that got something (every group once per tick period, for
    heartbeats and elections): pysyncobj's ``doTick``;
 3. send what the ticks queued that may leave at once (a leader's
@@ -18,6 +19,9 @@ instead runs one loop per process:
    all of them;
 5. send what had to wait for that sync (a follower's ack: an ack only ever
    covers entries on disk; DESIGN section 5).
+
+Results go back to the node's trio loop through a ``Relay``: one wake-up of
+that loop per round, after the ticks, not one per result.
 
 Sockets, frames and keys are in ``wire.py``; a group's side (durability and
 fault rules) is ``replica._HubTransport``. Everything here runs on the hub
@@ -48,6 +52,61 @@ log = logging.getLogger(__name__)
 Route = Callable[[str], str | None]
 
 CONNECT_RETRY_S_MIN = 0.05
+
+
+class Relay:
+    """Calls from the hub thread to another thread's event loop, one wake-up
+    of that loop per hub round instead of one per call.
+
+    ``wake(fn)`` makes the other loop run ``fn`` soon, from any thread (trio's
+    ``TrioToken.run_sync_soon``). Each such call writes to a socket and wakes
+    the other thread: per strong read and per Raft entry, that was a tenth of
+    a node's CPU with 8 groups (docs/PERFORMANCE.md). Here the hub thread
+    queues its calls, and the first wakes the loop at the end of the hub's
+    round (``RaftHub.at_round_end``), after every group ticked. Calls from
+    other threads (an immediate refusal on the caller's own thread) wake it at
+    once. Every call runs exactly once, in the order queued."""
+
+    def __init__(self, hub: RaftHub, wake: Callable[..., object]) -> None:
+        self._hub = hub
+        self._wake = wake
+        self._calls: collections.deque[tuple[Callable[..., object], tuple[Any, ...]]] = \
+            collections.deque()
+        self._wake_pending = False  # the loop will run _run_calls, and has not begun
+        self._flush_queued = False  # _flush waits for the hub's round to end
+        self.wakes = 0
+
+    def run_sync_soon(self, fn: Callable[..., object], *args: Any) -> None:
+        """Run ``fn(*args)`` on the other loop, soon (``TrioToken``'s signature)."""
+        self._calls.append((fn, args))
+        if self._wake_pending:
+            return  # _run_calls clears this before it takes the calls: it will see fn
+        if self._hub.on_hub_thread():
+            if not self._flush_queued:
+                self._flush_queued = True
+                self._hub.at_round_end(self._flush)
+        else:
+            self._wake_now()
+
+    def _flush(self) -> None:  # hub thread
+        self._flush_queued = False
+        if self._calls and not self._wake_pending:
+            self._wake_now()
+
+    def _wake_now(self) -> None:
+        self._wake_pending = True
+        self.wakes += 1
+        self._wake(self._run_calls)
+
+    def _run_calls(self) -> None:  # the other loop's thread
+        self._wake_pending = False  # before taking the calls (see run_sync_soon)
+        calls = self._calls
+        while calls:
+            fn, args = calls.popleft()
+            try:
+                fn(*args)
+            except Exception:
+                log.exception("%r failed", fn)
 
 
 class HubMember(Protocol):
@@ -131,18 +190,18 @@ class RaftHub:
         self._wanted: set[str] = set()
         self._wanted_dirty = False
         self._calls: collections.deque[Callable[[], object]] = collections.deque()
+        # A byte is in the wake pipe or about to be, and the loop has not yet
+        # taken the calls queued before it: callers need not write another.
+        self._wake_pending = False
+        self._round_end: list[Callable[[], object]] = []
         self._fd_callbacks: dict[int, Callable[[int], None]] = {}
         self._stopping = False
         # One receive buffer, reused: a fresh 256 KiB bytes per recv cost an
         # mmap/munmap pair each time.
         self._recv_buffer = bytearray(self.RECV_BYTES)
         self._recv_view = memoryview(self._recv_buffer)
-        self.frames_sent = 0
-        self.messages_sent = 0
-        self.messages_dropped = 0
-        self.ticks = 0
-        self.rounds = 0
-        self.messages_received = 0
+        self.frames_sent = self.messages_sent = self.messages_dropped = 0
+        self.ticks = self.rounds = self.messages_received = 0
         self._epoll = select.epoll()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.subscribe(self._wake_r, self._drain_wake, select.EPOLLIN)
@@ -165,8 +224,13 @@ class RaftHub:
     # -- for other threads -----------------------------------------------------------
 
     def call_soon(self, fn: Callable[[], object]) -> None:
-        """Run ``fn`` on the hub thread, soon."""
+        """Run ``fn`` on the hub thread, soon. Calls queued before the loop gets
+        to them share one write to the wake pipe (a system call, and the wake
+        of a thread, each)."""
         self._calls.append(fn)
+        if self._wake_pending:
+            return  # the loop clears this before it takes the calls: it will see fn
+        self._wake_pending = True
         with contextlib.suppress(BlockingIOError):
             os.write(self._wake_w, b"x")
 
@@ -287,6 +351,11 @@ class RaftHub:
     def enqueue(self, hub_address: str, message: wire.Message, late: bool) -> None:
         (self._late if late else self._early)[hub_address].append(message)
 
+    def at_round_end(self, fn: Callable[[], object]) -> None:
+        """Run ``fn`` once this round's ticks are done (before its syncs), or at
+        the latest before the loop waits again."""
+        self._round_end.append(fn)
+
     def wake_at(self, member: HubMember, due: float) -> None:
         self._delaying.add(member)
         self._next_due = min(self._next_due, due)
@@ -329,6 +398,7 @@ class RaftHub:
                 callback = self._fd_callbacks.get(fd)
                 if callback is not None:
                     self._guard(callback, mask)
+            self._wake_pending = False  # before taking the calls (see call_soon)
             while self._calls:
                 self._guard(self._calls.popleft())
             if self._local:
@@ -345,6 +415,7 @@ class RaftHub:
             for member in members:
                 self.ticks += 1
                 self._guard(member.tick)
+            self._end_round()
             if self._delaying and now >= self._next_due:
                 self._release_delayed(now)
             self._flush(self._early)
@@ -352,6 +423,13 @@ class RaftHub:
             self._flush(self._late)
             if now >= next_connect or self._wanted_dirty:
                 next_connect = self._maintain_connections(now)
+            self._end_round()  # (what the flushes and syncs queued, before polling)
+
+    def _end_round(self) -> None:
+        while self._round_end:
+            hooks, self._round_end = self._round_end, []
+            for hook in hooks:
+                self._guard(hook)
 
     def _sync_journals(self) -> None:
         """Sync the log of every member with unsynced entries. Members sharing

@@ -9,7 +9,9 @@ This is the only module that imports pysyncobj. It adds what pysyncobj lacks
   before it applies;
 - one Raft thread and one connection per peer process for all the groups of a
   process (``hub.py``): pysyncobj runs with ``autoTick`` off, its messages go
-  through the process's ``RaftHub``, its poller is a stub the hub drives;
+  through the process's ``RaftHub``, its poller is a stub the hub drives,
+  and a proposal from another thread wakes the hub (``_HubNotifier``), not a
+  pipe of the group's;
 - a fail-stop apply: no exception ever reaches pysyncobj's apply loop (which
   would apply the entry again); a replica that cannot write its state exits
   and replays its journal on restart;
@@ -27,18 +29,16 @@ This is the only module that imports pysyncobj. It adds what pysyncobj lacks
 "The Raft thread" below is the hub's thread.
 
 Results reach the caller through ``submit(payload, on_done)``; ``on_done`` runs
-on the Raft thread and must hand off (the node server uses
-``trio.lowlevel.TrioToken.run_sync_soon``).
+on the Raft thread and must hand off (the node server uses a ``hub.Relay``
+to its trio loop: one wake-up per hub round).
 """
 
 from __future__ import annotations
 
 import collections
-import contextlib
 import logging
 import os
 import random
-import select
 import threading
 import time
 from collections.abc import Callable
@@ -49,7 +49,7 @@ from typing import Any
 import pysyncobj.syncobj as _pysyncobj_core
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
 from pysyncobj.config import SERIALIZER_STATE
-from pysyncobj.poller import POLL_EVENT_TYPE, Poller
+from pysyncobj.poller import Poller
 from pysyncobj.transport import Transport
 
 from raftkv.errors import (
@@ -136,37 +136,60 @@ _pysyncobj_core.createJournal = _create_journal
 
 
 class _GroupPoller(Poller):  # type: ignore[misc]
-    """The poller pysyncobj gets for one group. Its only file is the group's
-    command pipe (woken when another thread proposes); the hub's epoll watches
-    it and marks the group for a tick. ``poll`` does nothing: the hub polls."""
-
-    _EVENTS = ((POLL_EVENT_TYPE.READ, select.EPOLLIN), (POLL_EVENT_TYPE.WRITE, select.EPOLLOUT),
-               (POLL_EVENT_TYPE.ERROR, select.EPOLLERR))
+    """The poller pysyncobj gets for one group. ``poll`` does nothing: the hub
+    polls. Nothing subscribes to it: pysyncobj's only file, the pipe that
+    wakes a tick when another thread proposes, is replaced by ``_HubNotifier``."""
 
     def __init__(self, hub: RaftHub) -> None:
         self._hub = hub
         self.member: _HubTransport | None = None
-        self.fds: set[int] = set()
+        self._touch_queued = False
 
     def subscribe(self, descr: int, callback: Callable[[int, int], None], eventMask: int) -> None:
-        def ready(mask: int) -> None:
-            self._hub.touch(self.member)
-            events = sum(ours for ours, epoll in self._EVENTS if mask & epoll)
-            if mask & select.EPOLLHUP:
-                events |= POLL_EVENT_TYPE.ERROR
-            callback(descr, events)
-
-        self._hub.subscribe(descr, ready, sum(epoll for ours, epoll in self._EVENTS
-                                              if eventMask & ours))
-        self.fds.add(descr)
+        raise RuntimeError(f"a Raft group has no file of its own to poll (fd {descr})")
 
     def unsubscribe(self, descr: int) -> None:
-        self._hub.unsubscribe(descr)
-        self.fds.discard(descr)
+        return None
 
     def poll(self, timeout: float) -> None:
         return None
 
+    def touch_soon(self) -> None:
+        """Tick the group in the hub's next round (from any thread)."""
+        if self._hub.on_hub_thread():
+            self._hub.touch(self.member)
+        elif not self._touch_queued:
+            self._touch_queued = True
+            self._hub.call_soon(self._touch)
+
+    def _touch(self) -> None:
+        self._touch_queued = False  # before the tick that takes the commands queued so far
+        self._hub.touch(self.member)
+
+
+class _HubNotifier:
+    """What pysyncobj calls after another thread queued a command: instead of
+    a pipe per group (a write, an epoll wake-up and two reads per entry), the
+    group is touched on the hub, and proposals queued before the hub gets to
+    them share one wake of its thread."""
+
+    def __init__(self, poller: _GroupPoller) -> None:
+        self._poller = poller
+
+    def notify(self) -> None:
+        self._poller.touch_soon()
+
+
+_original_pipe_notifier = _pysyncobj_core.PipeNotifier
+
+
+def _create_notifier(poller: Any, callback: Any = None) -> Any:
+    if isinstance(poller, _GroupPoller) and callback is None:
+        return _HubNotifier(poller)
+    return _original_pipe_notifier(poller, callback)
+
+
+_pysyncobj_core.PipeNotifier = _create_notifier
 
 _original_create_poller = _pysyncobj_core.createPoller
 
@@ -502,17 +525,6 @@ def make_conf(settings: RaftSettings, journal_key: str, dump_file: str,
     )
 
 
-def _close_pipe_notifier(group: SyncObj) -> None:
-    """pysyncobj never closes the pipe it wakes its tick with; a node that opens
-    and closes many replicas would run out of file descriptors."""
-    notifier = getattr(group, "_SyncObj__pipeNotifier", None)
-    for name in ("_PipeNotifier__pipeR", "_PipeNotifier__pipeW"):
-        fd = getattr(notifier, name, None)
-        if isinstance(fd, int):
-            with contextlib.suppress(OSError):
-                os.close(fd)
-
-
 class _DumpInBackground(Exception):
     """Raised from the serializer so pysyncobj does not rename a placeholder over
     the last good dump; the background thread writes and renames the dump and
@@ -664,8 +676,6 @@ class Replica:
             self.transport.attached()
             self.hub.add(self.transport)
         except BaseException:
-            for fd in list(self._poller.fds):
-                self.hub.unsubscribe(fd)
             if self._own_hub:
                 self.hub.close()
             with _journals_lock:
@@ -872,9 +882,6 @@ class Replica:
                 self._call(on_read, None, Unavailable(f"shard {self.shard_id}: the replica "
                                                       "was closed"))
             self._group.destroy()  # without autoTick: closes the transport and journal now
-            for fd in list(self._poller.fds):
-                self.hub.unsubscribe(fd)
-            _close_pipe_notifier(self._group)
 
         try:
             self.hub.remove(self.transport, then=detach)

@@ -66,7 +66,7 @@ from raftkv.protocol.messages import (
     WriteRequest,
     decode_request,
 )
-from raftkv.replication.hub import RaftHub
+from raftkv.replication.hub import RaftHub, Relay
 from raftkv.replication.journal import NodeLog
 from raftkv.replication.replica import Replica
 from raftkv.server.proposer import OnDone, Proposer
@@ -150,7 +150,7 @@ class NodeServer:
         self.map_version = 0
         self.started_at = time.time()
         self.listen_port: int | None = None
-        self._token: trio.lowlevel.TrioToken | None = None
+        self._relay: Relay | None = None  # results from the hub thread to trio
         self._rpc = RpcServer(lambda body: decode_request(body, self.limits),
                               self._dispatch, frame_bytes_max=limits.frame_bytes_max,
                               drain_timeout_s=REQUEST_TIMEOUT_S)
@@ -207,10 +207,10 @@ class NodeServer:
             await trio.to_thread.run_sync(
                 write_file_durably, path, json.dumps(descriptor).encode())
             replica = await trio.to_thread.run_sync(self._make_replica, descriptor)
-            assert self._token is not None
+            assert self._relay is not None
             self.replicas[shard_id] = replica
             self.descriptors[shard_id] = descriptor
-            self.proposers[shard_id] = Proposer(replica, self._token, timeout_s=REQUEST_TIMEOUT_S)
+            self.proposers[shard_id] = Proposer(replica, self._relay, timeout_s=REQUEST_TIMEOUT_S)
             log.info("node %s: opened shard %d", self.node.id, shard_id)
         finally:
             self._opening.discard(shard_id)
@@ -243,8 +243,8 @@ class NodeServer:
     # -- serving -------------------------------------------------------------------
 
     async def serve(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        self._token = trio.lowlevel.current_trio_token()
-        self._open_hub()  # a taken Raft port stops the node here, with the error
+        self._relay = Relay(self._open_hub(),  # a taken Raft port stops the node here
+                            trio.lowlevel.current_trio_token().run_sync_soon)
         listeners = await trio.open_tcp_listeners(self.node.client_port, host=self.node.host)
         self.listen_port = listeners[0].socket.getsockname()[1]
         async with trio.open_nursery() as nursery:
@@ -534,8 +534,8 @@ class NodeServer:
         replica, _ = self._leader_for(shard_id)
         ks_id, total = self._keyspace(replica, shard_id, keyspace)
         ls = ls_of(total)
-        token = self._token
-        assert token is not None
+        relay = self._relay
+        assert relay is not None
 
         def done(barrier: Any, error: RaftKVError | None) -> None:
             if error is not None:
@@ -551,7 +551,7 @@ class NodeServer:
             reply(result, None)
 
         # A read index (no log entry), confirmed on the Raft thread; read here.
-        replica.read_index(lambda r, e: token.run_sync_soon(done, r, e))
+        replica.read_index(lambda r, e: relay.run_sync_soon(done, r, e))
 
     def _get(self, request: GetRequest, reply: OnDone) -> None:
         def read(replica: Replica, ks_id: int, ls: int) -> dict[str, Any]:
@@ -622,7 +622,10 @@ class NodeServer:
             "node": self.node.id, "dc": self.node.dc, "pid": os.getpid(),
             "client_address": self.node.client_address, "uptime_s": time.time() - self.started_at,
             "map_version": self.map_version, "faults": self.links.spec.to_json(),
-            "raft_hub": self.hub.stats() if self.hub is not None else None,
+            "raft_hub": None if self.hub is None else {
+                **self.hub.stats(),
+                # wake-ups of this trio loop for results (one per hub round at most)
+                "trio_wakes": self._relay.wakes if self._relay is not None else 0},
             "shards": shards,
         }
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
@@ -54,8 +54,14 @@ class _Batch:
     separate: bool = False  # a batch of the separate lane (see ``propose``)
 
 
+class RunSoon(Protocol):
+    """How results reach the trio thread: a ``hub.Relay`` (or a ``TrioToken``)."""
+
+    def run_sync_soon(self, fn: Callable[..., object], *args: Any) -> None: ...
+
+
 class Proposer:
-    def __init__(self, replica: Replica, trio_token: trio.lowlevel.TrioToken, *,
+    def __init__(self, replica: Replica, to_trio: RunSoon, *,
                  encode: Callable[[list[Any]], bytes] = encode_commands,
                  in_flight_max: int = 1, batch_commands_max: int = 2048,
                  batch_bytes_max: int = 4 * 1024 * 1024, timeout_s: float = 10.0) -> None:
@@ -63,7 +69,7 @@ class Proposer:
         self._encode = encode
         self.timeout_s = timeout_s
         self._in_flight_batches: set[_Batch] = set()
-        self._token = trio_token
+        self._to_trio = to_trio
         self.in_flight_max = in_flight_max
         self.batch_commands_max = batch_commands_max
         self.batch_bytes_max = batch_bytes_max
@@ -143,7 +149,7 @@ class Proposer:
 
         def on_done(results: Any, error: RaftKVError | None) -> None:
             # Raft thread (or this thread, for an immediate refusal).
-            self._token.run_sync_soon(self._complete, batch, results, error)
+            self._to_trio.run_sync_soon(self._complete, batch, results, error)
 
         self.replica.submit(self._encode(commands), on_done)
 

@@ -1,13 +1,19 @@
 """The process-wide Raft transport (raftkv/replication/hub.py), over real
 sockets on 127.0.0.1: routing between processes, the sync-before-ack order,
-refusing peers without the secret, reconnecting after a restart, and not
-leaking file descriptors as replicas come and go."""
+refusing peers without the secret, reconnecting after a restart, not
+leaking file descriptors as replicas come and go, and the hand-offs between
+the hub's thread and others (``call_soon``, ``Relay``)."""
 
 from __future__ import annotations
 
+import functools
 import itertools
+import logging
 import os
+import queue
 import socket
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,7 +22,7 @@ from typing import Any
 import pytest
 
 from raftkv.localcluster import free_port
-from raftkv.replication.hub import RaftHub
+from raftkv.replication.hub import RaftHub, Relay
 from raftkv.replication.replica import Replica
 from tests.replication.support import FAST, put_command, submit, wait_for
 
@@ -68,10 +74,11 @@ def hubs() -> Iterator[Callable[..., RaftHub]]:
     made: list[RaftHub] = []
 
     def make(address: str | None = None, secret: str = "s3cret",
-             route: dict[str, str] | None = None, connection_retry_s: float = 0.1) -> RaftHub:
+             route: dict[str, str] | None = None, connection_retry_s: float = 0.1,
+             tick_period_s: float = 0.05) -> RaftHub:
         hub = RaftHub(address or f"127.0.0.1:{free_port()}", secret,
                       route=route.get if route is not None else None,
-                      connection_retry_s=connection_retry_s)
+                      connection_retry_s=connection_retry_s, tick_period_s=tick_period_s)
         made.append(hub)
         return hub
 
@@ -246,3 +253,187 @@ def test_a_dead_peer_is_tried_once_per_retry_period_once_backed_off(
     assert 3 <= len(late) <= 6, [round(t - started, 2) for t in attempts]
     gaps = [b - a for a, b in itertools.pairwise(late)]
     assert all(gap >= 0.35 for gap in gaps), gaps
+
+
+# -- hand-offs between threads ---------------------------------------------------------
+
+
+def test_calls_from_several_threads_all_run_once_in_order_while_sharing_wakes(
+        hubs: Callable[..., RaftHub]) -> None:
+    hub = hubs(tick_period_s=30.0, connection_retry_s=30.0)  # it waits 1 s unless woken
+    started = time.monotonic()
+    for _ in range(20):
+        hub.call(lambda: None)
+    assert time.monotonic() - started < 5.0  # each call woke the hub (about 10 s if not)
+    ran: list[tuple[int, int]] = []
+
+    def produce(tag: int) -> None:
+        for i in range(3000):
+            hub.call_soon(functools.partial(ran.append, (tag, i)))
+
+    threads = [threading.Thread(target=produce, args=(tag,)) for tag in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wait_for(lambda: len(ran) == 9000, timeout_s=5)
+    time.sleep(0.1)
+    assert len(ran) == 9000
+    for tag in range(3):
+        assert [i for t, i in ran if t == tag] == list(range(3000))
+
+
+class OtherLoop:
+    """Another thread's event loop, as a Relay sees it (trio's run_sync_soon):
+    ``wake(fn)`` from any thread makes this thread run ``fn``."""
+
+    def __init__(self) -> None:
+        self.wakes = 0
+        self._queue: queue.Queue[Callable[[], object] | None] = queue.Queue()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def wake(self, fn: Callable[[], object]) -> None:
+        self.wakes += 1
+        self._queue.put(fn)
+
+    def _run(self) -> None:
+        while (fn := self._queue.get()) is not None:
+            fn()
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        self.thread.join(timeout=5)
+
+
+@pytest.fixture
+def other_loop() -> Iterator[OtherLoop]:
+    loop = OtherLoop()
+    yield loop
+    loop.stop()
+
+
+def test_a_relay_wakes_the_other_loop_once_for_a_hub_rounds_calls_after_its_ticks(
+        hubs: Callable[..., RaftHub], other_loop: OtherLoop) -> None:
+    hub = hubs()
+    relay = Relay(hub, other_loop.wake)
+    out: list[tuple[int, bool]] = []
+    on_other = lambda i: out.append((i, threading.current_thread() is other_loop.thread))  # noqa: E731
+
+    def queue_calls() -> int:
+        for i in range(100):
+            relay.run_sync_soon(on_other, i)
+        return other_loop.wakes  # not woken yet: that waits for the round's end
+
+    assert hub.call(queue_calls) == 0
+    wait_for(lambda: len(out) == 100)
+    assert out == [(i, True) for i in range(100)]
+    assert other_loop.wakes == relay.wakes == 1
+
+    hub.call(lambda: relay.run_sync_soon(on_other, 100))  # a later round wakes it again
+    wait_for(lambda: len(out) == 101)
+    assert other_loop.wakes == 2
+
+
+def test_a_relay_call_from_another_thread_wakes_the_loop_at_once(
+        hubs: Callable[..., RaftHub], other_loop: OtherLoop) -> None:
+    relay = Relay(hubs(), other_loop.wake)
+    out: list[str] = []
+    relay.run_sync_soon(out.append, "refused at once")  # (the caller's own thread)
+    assert other_loop.wakes == 1  # woken by this call, not at a hub round's end
+    wait_for(lambda: out == ["refused at once"])
+
+
+def test_a_relay_call_queued_while_the_loop_runs_the_last_batch_runs_once(
+        hubs: Callable[..., RaftHub], other_loop: OtherLoop) -> None:
+    hub = hubs()
+    relay = Relay(hub, other_loop.wake)
+    running, release = threading.Event(), threading.Event()
+    out: list[int] = []
+
+    def first() -> None:
+        running.set()
+        release.wait(5)
+        out.append(1)
+
+    hub.call(lambda: relay.run_sync_soon(first))
+    assert running.wait(5)
+    hub.call(lambda: relay.run_sync_soon(out.append, 2))  # while the loop is in first()
+    hub.call(lambda: None)  # a round has ended since
+    release.set()
+    wait_for(lambda: out == [1, 2])
+    time.sleep(0.1)
+    assert out == [1, 2]
+
+
+def test_relay_calls_racing_the_loop_over_many_rounds_all_run_once(
+        hubs: Callable[..., RaftHub], other_loop: OtherLoop) -> None:
+    """Each call, run on the other loop, asks the hub for the next: the hub
+    queues it while the loop is finishing the batch it is in."""
+    hub = hubs()
+    relay = Relay(hub, other_loop.wake)
+    out: list[int] = []
+    total = 5000
+
+    def on_loop(i: int) -> None:
+        out.append(i)
+        if i + 1 < total:
+            hub.call_soon(functools.partial(relay.run_sync_soon, on_loop, i + 1))
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # the threads interleave as often as they can
+    try:
+        hub.call_soon(functools.partial(relay.run_sync_soon, on_loop, 0))
+        wait_for(lambda: len(out) == total, timeout_s=30)
+    finally:
+        sys.setswitchinterval(switch)
+    assert out == list(range(total))
+
+
+def test_a_failing_relay_call_is_logged_and_the_next_still_run(
+        hubs: Callable[..., RaftHub], other_loop: OtherLoop,
+        caplog: pytest.LogCaptureFixture) -> None:
+    hub = hubs()
+    relay = Relay(hub, other_loop.wake)
+    out: list[str] = []
+
+    def broken() -> None:
+        raise RuntimeError("a bug in a callback")
+
+    def queue_both() -> None:
+        relay.run_sync_soon(broken)
+        relay.run_sync_soon(out.append, "after")
+
+    with caplog.at_level(logging.ERROR):
+        hub.call(queue_both)
+        wait_for(lambda: out == ["after"])
+    assert "a bug in a callback" in caplog.text
+
+
+def test_a_group_polls_no_file_of_its_own_and_proposals_from_threads_all_commit(
+        tmp_path: Path, hubs: Callable[..., RaftHub]) -> None:
+    """pysyncobj wakes a group's tick through a pipe per group; on a hub a
+    proposal from another thread touches the group through the hub instead."""
+    hub = hubs()
+    polled = hub.call(lambda: len(hub._fd_callbacks))
+    replica = Replica(0, tmp_path / "r", f"127.0.0.1:{free_port()}", [], "s3cret",
+                      settings=FAST, hub=hub)
+    try:
+        assert hub.call(lambda: len(hub._fd_callbacks)) == polled
+        wait_for(lambda: replica.is_leader)
+        results: list[tuple[Any, Any]] = []
+
+        def propose(client: int) -> None:
+            for seq in range(1, 26):
+                results.append(submit(replica, put_command(
+                    seq, b"k%d-%d" % (client, seq), client_id=bytes([client]) * 16)))
+
+        threads = [threading.Thread(target=propose, args=(t,)) for t in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert len(results) == 100
+        assert all(error is None and result is not None for result, error in results)
+    finally:
+        replica.destroy()

@@ -9,7 +9,7 @@ instead runs one loop per process:
 
 1. wait on one epoll for sockets and the wake pipe (other threads' calls,
    such as a proposal: ``call_soon``), and hand each received message to its
-   group (``member.deliver``);
+   group (``member.deliver``), which says whether it must tick for it;
 2. tick the groups that got something (every group once per tick period, for
    heartbeats and elections): pysyncobj's ``doTick``;
 3. send what the ticks queued that may leave at once (a leader's
@@ -115,7 +115,8 @@ class HubMember(Protocol):
     address: str  # the group member's own Raft address
 
     def peer_addresses(self) -> Iterable[str]: ...
-    def deliver(self, source: str, message: Any) -> None: ...
+    def deliver(self, source: str, message: Any) -> bool:
+        """Take a peer's message; True if the member must tick for it."""
     def peer_link(self, hub_address: str, up: bool) -> None: ...
     def tick(self) -> None: ...
     @property
@@ -467,8 +468,8 @@ class RaftHub:
         if member is None:
             self.messages_dropped += 1  # a member not (or no longer) hosted here
             return
-        member.deliver(source, body)
-        self._touched.add(member)
+        if member.deliver(source, body):
+            self._touched.add(member)
 
     # -- sending ------------------------------------------------------------------------
 

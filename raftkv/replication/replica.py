@@ -320,47 +320,57 @@ class _HubTransport(Transport):  # type: ignore[misc]
                 else:
                     self._onNodeDisconnected(node)
 
-    def deliver(self, source: str, message: Any) -> None:
+    def deliver(self, source: str, message: Any) -> bool:
+        """Hand a peer's message to the group; True if the group must tick
+        for it (a read round's probe or ack leaves pysyncobj's state alone)."""
         if self._link is not None and self._link(source) is None:
             self.dropped_cut_in += 1
-            return
+            return False
         node = self._nodes.get(source)
         if node is None:
-            return  # not (or no longer) a member of this group
+            return False  # not (or no longer) a member of this group
         kind = message.get("type")
         if kind == "read_ack":
             self.reads.ack(source, message["ri"], message["term"])
             if self.on_reads is not None:
                 self.on_reads()
-            return
+            return False
+        if kind == "read_probe":
+            self._confirm_leader(node, message)
+            return False
         self._onMessageReceived(node, message)
         kept = self._journal.settle()
         if kept:
             reapply_membership(self._syncObj, kept)
         if kind == "append_entries" and "ri" in message:
             self._confirm_leader(node, message)
+        return True
 
     def _confirm_leader(self, node: Any, message: dict[str, Any]) -> None:
-        """Tell the leader whose heartbeat this was that this member follows it
-        in its term (only then: a member of a later term must not confirm an
-        old leader). The answer acknowledges no entries, so it need not wait
-        for the journal's sync."""
+        """Tell the leader whose heartbeat or probe this was that this member
+        follows it in its term (only then: a member of a later term, or one
+        that has not yet heard from this leader, must not confirm it). The
+        answer acknowledges no entries, so it need not wait for the journal's
+        sync."""
         term = message["term"]
         leader = self._syncObj._getLeader()
         if self._syncObj.raftCurrentTerm != term or leader is None \
                 or str(leader.address) != str(node.address):
             return
-        ack = {"type": "read_ack", "ri": message["ri"], "term": term}
-        address = str(node.address)
+        self._send_own(str(node.address), {"type": "read_ack", "ri": message["ri"],
+                                           "term": term})
+
+    def _send_own(self, address: str, message: dict[str, Any]) -> None:
+        """Send a message of the read rounds' own (not pysyncobj's)."""
         if self._link is not None:
-            self._send_over_link(address, ack, False)
+            self._send_over_link(address, message, False)
         else:
-            self._hand(address, ack, False)
+            self._hand(address, message, False)
 
     def open_round(self) -> None:
-        """A read round was started: it goes out on this round's heartbeats
-        or append-entries (writes in flight carry it at no cost); ``tick``
-        sends heartbeats to the peers it has not reached."""
+        """A read round was started: it goes out on this round's
+        append-entries (writes in flight carry it at no cost); ``tick``
+        probes the peers it has not reached."""
         self._round_open = True
         self._stamped = set()
         self._hub.touch(self)
@@ -369,10 +379,23 @@ class _HubTransport(Transport):  # type: ignore[misc]
         self._syncObj.doTick(0.0)
         if self._round_open:
             self._round_open = False
-            if len(self._stamped) < len(self._nodes) and self._syncObj._isLeader():
-                self._syncObj._SyncObj__sendAppendEntries()
+            self._probe_unstamped()
         if self.reads.pending and self.on_reads is not None:
             self.on_reads()  # the commit or apply may have advanced, or the term changed
+
+    def _probe_unstamped(self) -> None:
+        """The open read round to every peer no append-entries carried it to
+        this round: a probe of its own, which a follower answers with a
+        read_ack (``_confirm_leader``) and which, unlike an append-entries,
+        costs neither side pysyncobj's processing nor an answer of its own."""
+        term = self.reads.term
+        if term is None or not self._syncObj._isLeader() \
+                or self._syncObj.raftCurrentTerm != term:
+            return  # serving fails the round's reads (the term changed)
+        probe = {"type": "read_probe", "ri": self.reads.started, "term": term}
+        for address in self._nodes:
+            if address not in self._stamped:
+                self._send_own(address, probe)
 
     @property
     def has_peers(self) -> bool:

@@ -38,20 +38,22 @@ class Member:
         self.got: list[tuple[str, Any]] = []
         self.links: list[tuple[str, bool]] = []
         self.dirty = False
+        self.ticks = 0
         self.log = log if log is not None else []
 
     def peer_addresses(self) -> list[str]:
         return self.peers
 
-    def deliver(self, source: str, message: Any) -> None:
+    def deliver(self, source: str, message: Any) -> bool:
         self.got.append((source, message))
         self.log.append(("deliver", self.address, message))
+        return bool(message.get("tick", True))
 
     def peer_link(self, hub_address: str, up: bool) -> None:
         self.links.append((hub_address, up))
 
     def tick(self) -> None:
-        pass
+        self.ticks += 1
 
     @property
     def unsynced(self) -> bool:
@@ -91,9 +93,10 @@ def send(hub: RaftHub, to_hub: str, message: Any, late: bool = False) -> None:
     hub.call(lambda: hub.enqueue(to_hub, message, late))
 
 
-def pair(make: Callable[..., RaftHub]) -> tuple[RaftHub, RaftHub, Member, Member, dict[str, str]]:
+def pair(make: Callable[..., RaftHub], **options: Any
+         ) -> tuple[RaftHub, RaftHub, Member, Member, dict[str, str]]:
     route: dict[str, str] = {}
-    one, two = make(route=route), make(route=route)
+    one, two = make(route=route, **options), make(route=route, **options)
     route.update({"a:1": one.address, "b:1": two.address})
     a, b = Member("a:1", ["b:1"]), Member("b:1", ["a:1"])
     one.add(a)
@@ -117,6 +120,22 @@ def test_messages_reach_the_member_on_the_other_process_in_order(
     stats = one.stats()
     assert stats["frames_sent"] < stats["messages_sent"]  # many messages per frame
     wait_for(lambda: two.stats()["messages_dropped"] == 1)
+
+
+def test_a_member_ticks_for_a_message_only_when_it_asks_to(
+        hubs: Callable[..., RaftHub]) -> None:
+    """A read round's probes and acks make no group tick (pysyncobj's tick is
+    the costliest step of a round); other messages do."""
+    one, two, _a, b, _ = pair(hubs, tick_period_s=30.0)  # no periodic tick in the test
+    wait_for(lambda: b.ticks >= 1)  # the first round ticks every member
+    before = b.ticks
+    for i in range(20):
+        send(one, two.address, ("b:1", "a:1", {"n": i, "tick": False}))
+    wait_for(lambda: len(b.got) == 20)
+    time.sleep(0.1)
+    assert b.ticks == before
+    send(one, two.address, ("b:1", "a:1", {"n": 20}))
+    wait_for(lambda: b.ticks == before + 1)
 
 
 def test_a_late_message_leaves_only_after_its_members_journal_sync(

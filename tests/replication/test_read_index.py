@@ -175,3 +175,58 @@ def test_closing_a_replica_fails_its_pending_reads(faulty_group: MakeGroup) -> N
     result, error = answers[0]
     assert result is None and error is not None and error.code == "UNAVAILABLE", answers
 
+
+
+def _record_sent(replica: Replica, kind: str) -> list[tuple[str, dict[str, Any]]]:
+    """Record the messages of type ``kind`` that ``replica``'s transport hands
+    to its hub (the real sending goes on)."""
+    sent: list[tuple[str, dict[str, Any]]] = []
+    hand = replica.transport._hand
+
+    def recording(address: str, message: Any, late: bool) -> bool:
+        if message.get("type") == kind:
+            sent.append((address, dict(message)))
+        return hand(address, message, late)
+
+    replica.transport._hand = recording  # type: ignore[method-assign]
+    return sent
+
+
+def test_a_read_round_without_writes_goes_out_as_probes(faulty_group: MakeGroup) -> None:
+    """With no append-entries leaving, a round reaches the followers as
+    read_probes (no pysyncobj processing on either side), and their read_acks
+    confirm it."""
+    group = faulty_group(3)
+    leader = group.leader()
+    commit(leader, 1, b"k")
+    probes = _record_sent(leader, "read_probe")
+    for _ in range(10):
+        result, error = read_index(leader)
+        assert error is None and result is not None, error
+    assert probes, "no read_probe sent"
+    term = leader.transport.reads.term
+    assert {m["term"] for _, m in probes} == {term}
+    assert {a for a, _ in probes} <= {r.self_address for r in group.replicas if r is not leader}
+
+
+def test_a_follower_confirms_a_probe_only_from_its_leader_in_its_term(
+        faulty_group: MakeGroup) -> None:
+    group = faulty_group(3)
+    leader = group.leader()
+    commit(leader, 1, b"k")
+    follower, other = [r for r in group.replicas if r is not leader]
+    wait_for(lambda: follower.leader_address == leader.self_address)
+    term = int(follower._group.raftCurrentTerm)
+    acks = _record_sent(follower, "read_ack")
+
+    def probe(source: str, ri: int, term_: int) -> bool:
+        message = {"type": "read_probe", "ri": ri, "term": term_}
+        return bool(follower.hub.call(lambda: follower.transport.deliver(source, message)))
+
+    assert probe(leader.self_address, 1_000, term) is False  # no tick for a probe
+    assert probe(leader.self_address, 1_001, term - 1) is False  # an older term
+    assert probe(leader.self_address, 1_002, term + 1) is False  # a term it has not seen
+    assert probe(other.self_address, 1_003, term) is False  # not its leader
+    confirmed = [m["ri"] for a, m in acks if m["ri"] >= 1_000]
+    assert confirmed == [1_000], acks
+    assert acks[-1] == (leader.self_address, {"type": "read_ack", "ri": 1_000, "term": term})

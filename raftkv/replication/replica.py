@@ -368,18 +368,17 @@ class _HubTransport(Transport):  # type: ignore[misc]
             self._hand(address, message, False)
 
     def open_round(self) -> None:
-        """A read round was started: it goes out on this round's
-        append-entries (writes in flight carry it at no cost); ``tick``
-        probes the peers it has not reached."""
+        """A read round was started (on the hub thread, before the round's
+        ticks): it goes out on this round's append-entries (writes in flight
+        carry it at no cost), and once the round's groups have ticked,
+        ``_probe_unstamped`` probes the peers it has not reached. The group
+        itself need not tick for it."""
         self._round_open = True
         self._stamped = set()
-        self._hub.touch(self)
+        self._hub.at_round_end(self._probe_unstamped)
 
     def tick(self) -> None:
         self._syncObj.doTick(0.0)
-        if self._round_open:
-            self._round_open = False
-            self._probe_unstamped()
         if self.reads.pending and self.on_reads is not None:
             self.on_reads()  # the commit or apply may have advanced, or the term changed
 
@@ -388,6 +387,9 @@ class _HubTransport(Transport):  # type: ignore[misc]
         this round: a probe of its own, which a follower answers with a
         read_ack (``_confirm_leader``) and which, unlike an append-entries,
         costs neither side pysyncobj's processing nor an answer of its own."""
+        if not self._round_open:
+            return
+        self._round_open = False
         term = self.reads.term
         if term is None or not self._syncObj._isLeader() \
                 or self._syncObj.raftCurrentTerm != term:

@@ -230,3 +230,19 @@ def test_a_follower_confirms_a_probe_only_from_its_leader_in_its_term(
     confirmed = [m["ri"] for a, m in acks if m["ri"] >= 1_000]
     assert confirmed == [1_000], acks
     assert acks[-1] == (leader.self_address, {"type": "read_ack", "ri": 1_000, "term": term})
+
+
+def test_a_read_round_does_not_tick_the_leaders_group(faulty_group: MakeGroup) -> None:
+    """A round's probes go out at the end of the hub's round, without a run
+    of pysyncobj's tick: reads alone tick the leader's group no more than its
+    heartbeats and the periodic ticks do."""
+    group = faulty_group(3)
+    leader = group.leader()
+    commit(leader, 1, b"k")
+    rounds, ticks = leader.transport.reads.rounds, leader.hub.ticks
+    for _ in range(100):
+        result, error = read_index(leader)
+        assert error is None and result is not None, error
+    rounds, ticks = leader.transport.reads.rounds - rounds, leader.hub.ticks - ticks
+    assert rounds >= 50, rounds
+    assert ticks < rounds / 2, (ticks, rounds)

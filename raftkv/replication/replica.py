@@ -253,7 +253,7 @@ class _HubTransport(Transport):  # type: ignore[misc]
         self._nodes: dict[str, Any] = {}  # peer address -> pysyncobj node
         self.reads = ReadIndex()  # strong reads pending at this leader (readindex.py)
         self.on_reads: Callable[[], None] | None = None  # acks or ticks may serve some
-        self._round_open = False  # a read round started, not yet on every peer's heartbeat
+        self._round_open = False  # a read round started, its probes not yet sent
         self._stamped: set[str] = set()  # the peers that got the open round
         self._attached = False
         self._late = False  # a message of this round waits for the sync

@@ -5,6 +5,7 @@ up to the read index. A leader cut off from the others never confirms one."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from typing import Any
@@ -13,7 +14,7 @@ import pytest
 
 from raftkv.errors import RaftKVError
 from raftkv.replication.replica import Replica
-from tests.replication.support import wait_for
+from tests.replication.support import FAST, wait_for
 from tests.replication.test_faults_transport import MakeGroup, commit, faulty_group, key
 
 pytestmark = pytest.mark.timeout(30)
@@ -176,7 +177,6 @@ def test_closing_a_replica_fails_its_pending_reads(faulty_group: MakeGroup) -> N
     assert result is None and error is not None and error.code == "UNAVAILABLE", answers
 
 
-
 def _record_sent(replica: Replica, kind: str) -> list[tuple[str, dict[str, Any]]]:
     """Record the messages of type ``kind`` that ``replica``'s transport hands
     to its hub (the real sending goes on)."""
@@ -235,8 +235,13 @@ def test_a_follower_confirms_a_probe_only_from_its_leader_in_its_term(
 def test_a_read_round_does_not_tick_the_leaders_group(faulty_group: MakeGroup) -> None:
     """A round's probes go out at the end of the hub's round, without a run
     of pysyncobj's tick: reads alone tick the leader's group no more than its
-    heartbeats and the periodic ticks do."""
-    group = faulty_group(3)
+    heartbeats and the periodic ticks do. Those are made rare here (about 12
+    ticks a second), so that a slow machine cannot make them look like one
+    per round."""
+    quiet = dataclasses.replace(FAST, heartbeat_period_s=0.25, tick_period_s=0.25,
+                                election_timeout_s_min=1.0, election_timeout_s_max=2.0,
+                                connection_timeout_s=2.0)
+    group = faulty_group(3, settings=quiet)
     leader = group.leader()
     commit(leader, 1, b"k")
     rounds, ticks = leader.transport.reads.rounds, leader.hub.ticks

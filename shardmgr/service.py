@@ -452,6 +452,9 @@ class ManagerServer:
             "term": replica.term, "commit_index": replica.commit_index,
             "applied_index": replica.last_applied, "state_version": self.state.version,
             "uptime_s": time.time() - self.started_at, "faults": self.links.spec.to_json(),
+            # Since start: requests by op and error replies by code.
+            "requests": dict(sorted(self._rpc.requests.items())),
+            "errors": dict(sorted(self._rpc.errors.items())),
         }
 
     # -- resharding ---------------------------------------------------------------

@@ -626,6 +626,10 @@ class NodeServer:
                 **self.hub.stats(),
                 # wake-ups of this trio loop for results (one per hub round at most)
                 "trio_wakes": self._relay.wakes if self._relay is not None else 0},
+            # Since start: requests by kind (get, write, move:ingest, ...) and
+            # error replies by code.
+            "requests": dict(sorted(self._rpc.requests.items())),
+            "errors": dict(sorted(self._rpc.errors.items())),
             "shards": shards,
         }
 

@@ -15,6 +15,7 @@ connections are not affected.
 
 from __future__ import annotations
 
+import collections
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -76,6 +77,16 @@ class _Connection:
                 await trio.sleep(0.01)
 
 
+def request_kind(request: Any) -> str:
+    """A request's kind for the counters: its ``op`` (the shard manager's
+    requests), else its class without "Request", lowercase (``GetRequest``
+    -> ``get``); a move's step after a colon."""
+    op = getattr(request, "op", None)
+    name = op if isinstance(op, str) else type(request).__name__.removesuffix("Request").lower()
+    step = getattr(request, "step", None)
+    return name if step is None else f"{name}:{step}"
+
+
 class RpcServer:
     def __init__(self, decode: Decode, dispatch: Dispatch, *, frame_bytes_max: int,
                  drain_timeout_s: float) -> None:
@@ -83,6 +94,9 @@ class RpcServer:
         self._dispatch = dispatch
         self._frame_bytes_max = frame_bytes_max
         self._drain_timeout_s = drain_timeout_s
+        # Requests taken, by kind, and error replies, by code: for status.
+        self.requests: collections.Counter[str] = collections.Counter()
+        self.errors: collections.Counter[str] = collections.Counter()
 
     async def handle_connection(self, stream: trio.SocketStream) -> None:
         conn = _Connection(stream)
@@ -117,8 +131,11 @@ class RpcServer:
         try:
             request = self._decode(body)
         except RaftKVError as exc:
+            self.requests["undecodable"] += 1
+            self.errors[exc.code] += 1
             conn.send(encode_error(exc.details.get("request_id"), exc))
             return
+        self.requests[request_kind(request)] += 1
         conn.in_flight += 1
         request_id = request.id
         answered = False
@@ -132,6 +149,7 @@ class RpcServer:
             if error is None:
                 conn.send(encode_ok(request_id, result))
             else:
+                self.errors[error.code] += 1
                 conn.send(encode_error(request_id, error))
 
         try:

@@ -100,6 +100,8 @@ def put_msg(request_id: int = 1, **overrides: Any) -> dict[str, Any]:
 async def test_bad_requests_get_error_replies(cluster: LocalCluster) -> None:
     leader = await wait_leader(cluster)
     address = cluster.address(leader)
+    before = (await in_thread(cluster.statuses))[leader]
+    assert before is not None
     async with bystander_running(cluster, leader) as bystander:
         async with await RawConnection.open(address) as conn:
             # Not cbor at all: no id could be read.
@@ -184,6 +186,22 @@ async def test_bad_requests_get_error_replies(cluster: LocalCluster) -> None:
             assert sorted(r["id"] for r in replies if "ok" in r) == list(range(100, 151))
             assert [r["id"] for r in replies if "err" in r] == [None]
         assert bystander.failure is None
+
+    # The node's status counts what it was sent and how it answered.
+    after = (await in_thread(cluster.statuses))[leader]
+    assert after is not None
+
+    def grew(field: str, name: str) -> int:
+        return int(after[field].get(name, 0) - before[field].get(name, 0))
+
+    assert grew("errors", "BAD_REQUEST") == 27
+    assert grew("errors", "TOO_LARGE") == 3
+    assert grew("errors", "UNKNOWN_SHARD") == 1
+    assert grew("errors", "WRONG_SHARD") == 1
+    # Each BAD_REQUEST and TOO_LARGE above is found while decoding: no request to count.
+    assert grew("requests", "undecodable") == 27 + 3
+    assert grew("requests", "ping") == 4 + 51
+    assert grew("requests", "write") >= 5 and grew("requests", "get") >= 5  # the bystander
 
 
 async def test_broken_connections_do_not_disturb_the_node(cluster: LocalCluster) -> None:

@@ -165,6 +165,7 @@ class ManagerServer:
         self.last_seen: dict[str, float] = {}
         self.leaders_of: dict[str, set[int]] = {}
         self._transfer_at: dict[int, float] = {}
+        self._group_leaders: dict[int, str] = {}  # the node that last answered, by group
         self._leading_since: float | None = None
         self.started_at = time.time()
         self._rpc = RpcServer(decode_manager_request, self._dispatch,
@@ -587,7 +588,8 @@ class ManagerServer:
                              shard: st.ShardInfo, msg: dict[str, Any]) -> Any:
         """A request to a group's leader, trying each replica (and leader hints)."""
         addresses = [state.nodes[r.node].client_address for r in shard.replicas]
-        return await request_leader(pool, addresses, {**msg, "shard": shard.id}, 5.0)
+        return await request_leader(pool, addresses, {**msg, "shard": shard.id}, 5.0,
+                                    leaders=self._group_leaders)
 
     async def _tell_owners(self, pool: ConnectionPool, state: st.ClusterState) -> None:
         pending = [s for s in state.shards.values()

@@ -66,6 +66,7 @@ class Worker:
         self.moves_done = 0
         self._shipped: dict[int, int] = {}
         self._min_index: dict[int, int] = {}
+        self._leaders: dict[int, str] = {}  # the address that last answered, by group
         self._next: dict[str, Any] | None = None  # claimed with the last move's last report
         self._stats: dict[str, Any] = {}  # figures for the next report
         self._last_report = time.monotonic()
@@ -192,7 +193,7 @@ class Worker:
         while True:
             try:
                 return await request_leader(self.pool, shards[shard], {**msg, "shard": shard},
-                                            10.0)
+                                            10.0, leaders=self._leaders)
             except BadRequest:
                 raise  # a bug, not an election: waiting will not help
             except RaftKVError:

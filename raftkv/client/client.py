@@ -230,16 +230,27 @@ class ConnectionPool:
 
 
 async def request_leader(pool: ConnectionPool, addresses: list[str], msg: dict[str, Any],
-                         timeout_s: float) -> Any:
-    """``msg`` to the leader of a group whose replicas serve at ``addresses``:
-    each is tried in turn, following its NOT_LEADER hint once. Raises the
-    last error if none answered."""
+                         timeout_s: float, *, leaders: dict[int, str] | None = None) -> Any:
+    """``msg`` (with its ``shard``) to the leader of a group whose replicas
+    serve at ``addresses``: each is tried in turn, following its NOT_LEADER
+    hint once. Raises the last error if none answered.
+
+    ``leaders``: the address that last answered for each shard, tried first
+    and kept up to date, so that a caller sending many requests to a group
+    does not pay a NOT_LEADER round trip for most of them."""
+    shard = msg["shard"]
+    known = leaders.get(shard) if leaders is not None else None
+    if known in addresses:
+        addresses = [known, *(a for a in addresses if a != known)]
     last: RaftKVError | None = None
     for first in addresses:
         address = first
         for _ in range(2):
             try:
-                return await pool.request(address, msg, timeout_s)
+                result = await pool.request(address, msg, timeout_s)
+                if leaders is not None:
+                    leaders[shard] = address
+                return result
             except NotLeader as exc:
                 last = exc
                 if exc.leader is None or exc.leader == address:

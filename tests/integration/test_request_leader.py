@@ -45,8 +45,20 @@ async def test_requests_go_straight_to_the_leader_once_it_answered(
             await request_leader(pool, followers_first, dict(get), 5.0)
         assert await not_leader_replies(cluster) == refused + 5
 
-        # A cached address that is no longer among the group's is not tried.
-        leaders[SHARD] = "127.0.0.1:1"
-        await request_leader(pool, followers_first, dict(get), 5.0, leaders=leaders)
+        # A cached address that is no longer one of the group's replicas is
+        # not tried (here a listener that would see the connection), and the
+        # one that answers replaces it.
+        listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+        accepted: list[trio.SocketStream] = []
+
+        async def accept() -> None:
+            while True:
+                accepted.append(await listener.accept())
+
+        nursery.start_soon(accept)
+        leaders[SHARD] = f"127.0.0.1:{listener.socket.getsockname()[1]}"
+        await request_leader(pool, followers_first, dict(get), 1.0, leaders=leaders)
         assert leaders == {SHARD: leader_address}
+        assert accepted == []
         nursery.cancel_scope.cancel()
+    await listener.aclose()

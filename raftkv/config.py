@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from raftkv.replication.replica import RaftSettings
+from raftkv.replication.settings import RaftSettings
 
 CONFIG_NAME = "cluster.json"
 SECRET_NAME = "secret"  # noqa: S105 - a file name, not a secret

@@ -28,7 +28,7 @@ from raftkv.config import ClusterConfig, KeyspaceDefaults, ManagerConfig, NodeCo
 from raftkv.errors import NotLeader, RaftKVError, Unavailable, error_from_wire
 from raftkv.faults import FAULTS_NAME, FaultSpec
 from raftkv.protocol.framing import FrameDecoder, FrameTooLarge, encode_frame
-from raftkv.replication.replica import RaftSettings
+from raftkv.replication.settings import RaftSettings
 
 DEFAULT_DIR = Path(os.environ.get("RAFTKV_HOME", Path.home() / ".raftkv")) / "local"
 

@@ -42,7 +42,6 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +62,7 @@ from raftkv.errors import (
 from raftkv.replication.hub import RaftHub
 from raftkv.replication.journal import GroupJournal, NodeLog
 from raftkv.replication.readindex import ReadIndex
+from raftkv.replication.settings import RaftSettings
 from raftkv.statemachine.apply import ApplyFn, apply_entry
 from raftkv.storage.leveldb import (
     SnapshotReader,
@@ -479,32 +479,6 @@ def reapply_membership(sync_obj: Any, kept: list[tuple[bytes, int, int]]) -> int
 
 
 # -- settings ---------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class RaftSettings:
-    """Every pysyncobj knob the project sets, with units in the names."""
-
-    election_timeout_s_min: float = 0.8
-    election_timeout_s_max: float = 1.6
-    # A founding replica (Replica(founding=True)) that starts empty waits this
-    # long for its group's first election instead.
-    first_election_timeout_s_min: float = 0.15
-    first_election_timeout_s_max: float = 0.35
-    heartbeat_period_s: float = 0.1
-    tick_period_s: float = 0.05
-    connection_timeout_s: float = 2.0
-    connection_retry_s: float = 0.5
-    leader_fallback_timeout_s: float = 2.0
-    commands_queue_max: int = 100_000
-    append_entries_bytes_max: int = 1 << 20
-    socket_buffer_bytes: int = 1 << 20
-    log_compaction_entries_min: int = 20_000
-    # pysyncobj counts entries only; one entry can batch thousands of commands,
-    # so the journal (held in memory too) is also compacted past this size.
-    log_compaction_bytes_max: int = 64 * 1024 * 1024
-    log_compaction_period_s: float = 600.0
-    snapshot_chunk_bytes: int = 1 << 20
-
 
 def make_conf(settings: RaftSettings, journal_key: str, dump_file: str,
               replica: Replica, poller: _GroupPoller) -> SyncObjConf:

@@ -62,3 +62,24 @@ async def test_requests_go_straight_to_the_leader_once_it_answered(
         assert accepted == []
         nursery.cancel_scope.cancel()
     await listener.aclose()
+
+
+async def test_a_cached_leader_that_died_is_passed_over_for_the_new_one(
+        cluster: LocalCluster) -> None:
+    """The cached leader is killed: the next request fails there at once
+    (connection refused), goes on to the other replicas, finds the new
+    leader and caches it."""
+    old = await wait_leader(cluster)
+    addresses = [cluster.address(n) for n in cluster.node_ids]
+    get = {"op": "get", "shard": SHARD, "key": b"k"}
+    async with trio.open_nursery() as nursery:
+        pool = ConnectionPool(nursery)
+        leaders: dict[int, str] = {}
+        await request_leader(pool, addresses, dict(get), 5.0, leaders=leaders)
+        assert leaders == {SHARD: cluster.address(old)}
+        await in_thread(cluster.kill_node, old)
+        new = await wait_leader(cluster, exclude=old, timeout_s=20.0)
+        with trio.fail_after(10):
+            await request_leader(pool, addresses, dict(get), 5.0, leaders=leaders)
+        assert leaders == {SHARD: cluster.address(new)}
+        nursery.cancel_scope.cancel()

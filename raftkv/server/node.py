@@ -26,6 +26,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -394,7 +395,8 @@ class NodeServer:
             return None
 
     def _keyspace(self, replica: Replica, shard_id: int, name: str) -> tuple[int, int]:
-        """(keyspace id, logical shard count) from the group's own records.
+        """(keyspace id, logical shard count) from the group's own records, as
+        this replica has applied them (see ``_with_keyspace`` on a leader).
 
         Found records are cached: a keyspace's id and count never change, and a
         dropped keyspace's cached record is harmless, because writes and reads
@@ -409,9 +411,31 @@ class NodeServer:
             found = cache[name] = layout.decode_keyspace(raw)
         return found
 
+    def _with_keyspace(self, replica: Replica, shard_id: int, name: str, reply: OnDone,
+                       then: Callable[[tuple[int, int]], None]) -> None:
+        """``then(_keyspace(...))`` on a leader, now if the record is applied here.
+
+        A leader may not have applied every committed entry yet: one just
+        elected learns what was committed only when an entry of its own term
+        commits. So a record it lacks is looked up again behind a read index
+        (leadership confirmed, log applied up to the commit index), and only
+        then is the request refused with WRONG_SHARD."""
+        try:
+            found = self._keyspace(replica, shard_id, name)
+        except WrongShard:
+            self._after_read_index(replica, reply,
+                                   lambda _: then(self._keyspace(replica, shard_id, name)))
+            return
+        then(found)
+
     def _write(self, request: WriteRequest, reply: OnDone) -> None:
         replica, proposer = self._leader_for(request.shard)
-        ks_id, total = self._keyspace(replica, request.shard, request.keyspace)
+        self._with_keyspace(replica, request.shard, request.keyspace, reply,
+                            lambda ks: self._propose_write(request, proposer, ks, reply))
+
+    def _propose_write(self, request: WriteRequest, proposer: Proposer,
+                       keyspace: tuple[int, int], reply: OnDone) -> None:
+        ks_id, total = keyspace
         mutations = []
         size = 0
         for op in request.ops:
@@ -532,26 +556,37 @@ class NodeServer:
             reply(result, None)
             return
         replica, _ = self._leader_for(shard_id)
-        ks_id, total = self._keyspace(replica, shard_id, keyspace)
-        ls = ls_of(total)
+
+        def done(barrier: dict[str, Any]) -> None:
+            # After the read index: a leader just elected has applied what was
+            # committed before it (the keyspace's record among it).
+            ks_id, total = self._keyspace(replica, shard_id, keyspace)
+            ls = ls_of(total)
+            result = read(replica, ks_id, ls)
+            self._check_owned(replica, shard_id, ks_id, ls)
+            result["index"] = barrier["i"]
+            reply(result, None)
+
+        self._after_read_index(replica, reply, done)
+
+    def _after_read_index(self, replica: Replica, reply: OnDone,
+                          then: Callable[[dict[str, Any]], None]) -> None:
+        """``then(read index)`` here once ``replica`` has confirmed a read index
+        (no log entry) on the Raft thread, or ``reply`` the error: that one's
+        or the RaftKVError ``then`` raises."""
         relay = self._relay
         assert relay is not None
 
-        def done(barrier: Any, error: RaftKVError | None) -> None:
+        def confirmed(barrier: Any, error: RaftKVError | None) -> None:
             if error is not None:
                 reply(None, error)
                 return
             try:
-                result = read(replica, ks_id, ls)
-                self._check_owned(replica, shard_id, ks_id, ls)
+                then(barrier)
             except RaftKVError as exc:
                 reply(None, exc)
-                return
-            result["index"] = barrier["i"]
-            reply(result, None)
 
-        # A read index (no log entry), confirmed on the Raft thread; read here.
-        replica.read_index(lambda r, e: relay.run_sync_soon(done, r, e))
+        replica.read_index(lambda r, e: relay.run_sync_soon(confirmed, r, e))
 
     def _get(self, request: GetRequest, reply: OnDone) -> None:
         def read(replica: Replica, ks_id: int, ls: int) -> dict[str, Any]:

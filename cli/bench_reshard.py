@@ -153,20 +153,46 @@ class Window:
     started: float
     ended: float | None = None
     latencies_s: list[float] = field(default_factory=list)
+    # Per operation, in step with latencies_s: when it started (monotonic)
+    # and whether it wrote.
+    started_at: list[float] = field(default_factory=list)
+    wrote: list[bool] = field(default_factory=list)
     reads: int = 0
     writes: int = 0
     errors: dict[str, int] = field(default_factory=dict)
 
+    def record(self, started: float, latency_s: float, write: bool) -> None:
+        self.latencies_s.append(latency_s)
+        self.started_at.append(started)
+        self.wrote.append(write)
+        if write:
+            self.writes += 1
+        else:
+            self.reads += 1
+
     def summary(self) -> dict[str, Any]:
         elapsed_s = (self.ended or time.monotonic()) - self.started
         lat = self.latencies_s
+        writes = [t for t, w in zip(lat, self.wrote, strict=True) if w]
+        reads = [t for t, w in zip(lat, self.wrote, strict=True) if not w]
         return {
             "seconds": round(elapsed_s, 3), "ops": len(lat), "reads": self.reads,
             "writes": self.writes, "ops_per_s": round(len(lat) / max(elapsed_s, 1e-9), 1),
             "p50_ms": _ms(percentile(lat, 0.50)), "p99_ms": _ms(percentile(lat, 0.99)),
             "max_ms": _ms(max(lat)) if lat else None,
+            "read_p99_ms": _ms(percentile(reads, 0.99)),
+            "write_p99_ms": _ms(percentile(writes, 0.99)),
             "errors": sum(self.errors.values()), "errors_by_code": dict(self.errors),
         }
+
+    def timeline(self, step_s: float = 1.0) -> list[dict[str, Any]]:
+        """Latency by the second the operations started in (from the window's start)."""
+        buckets: dict[int, list[float]] = {}
+        for started, latency in zip(self.started_at, self.latencies_s, strict=True):
+            buckets.setdefault(int((started - self.started) // step_s), []).append(latency)
+        return [{"t_s": round(b * step_s, 3), "ops": len(lat),
+                 "p50_ms": _ms(percentile(lat, 0.50)), "p99_ms": _ms(percentile(lat, 0.99)),
+                 "max_ms": _ms(max(lat))} for b, lat in sorted(buckets.items())]
 
 
 def _ms(seconds: float) -> float | None:
@@ -234,7 +260,7 @@ class BackgroundLoad:
                 await self._read(window, i)
 
     async def _write(self, window: Window, i: int, value: bytes) -> None:
-        started = time.perf_counter()
+        started = time.monotonic()
         try:
             await self.kv.put(key_of(i), value)
         except RaftKVError as exc:
@@ -242,19 +268,17 @@ class BackgroundLoad:
             if not exc.definite:
                 self.book.unknown(i, value)
             return
-        window.latencies_s.append(time.perf_counter() - started)
-        window.writes += 1
+        window.record(started, time.monotonic() - started, write=True)
         self.book.acknowledged(i, value)
 
     async def _read(self, window: Window, i: int) -> None:
-        started = time.perf_counter()
+        started = time.monotonic()
         try:
             got = await self.kv.get(key_of(i))
         except RaftKVError as exc:
             self._error(window, exc, f"get {key_of(i)!r}")
             return
-        window.latencies_s.append(time.perf_counter() - started)
-        window.reads += 1
+        window.record(started, time.monotonic() - started, write=False)
         if got not in self.book.allowed(i):
             self.read_mismatches += 1
             self._example(f"strong read of {key_of(i)!r} in {window.name} returned "
@@ -581,6 +605,9 @@ def report(options: Options, measured: Measured, load: BackgroundLoad,
             "background_p99_ratio": _target(ratio, TARGET_DURING_P99_RATIO_MAX),
         },
         "timeline": run.timeline,
+        # The background's latency by second, from the start of its "during"
+        # window (when the reshard was asked for).
+        "background_timeline": load.windows["during"].timeline(),
     }
 
 

@@ -28,7 +28,7 @@ from raftkv_cli.common import (
     with_client,
 )
 from raftkv_cli.reshard import register as register_reshard
-from shardmgr.reshard import PER_NODE_MAX_DEFAULT
+from shardmgr.reshard import COPY_KEYS_PER_S_DEFAULT, PER_NODE_MAX_DEFAULT
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -336,8 +336,9 @@ def bench_plot(report: Path, out_dir: Path) -> None:
 @click.option("--max-moves-per-node", type=click.IntRange(1, 64),
               default=PER_NODE_MAX_DEFAULT, show_default=True,
               help="Moves at once touching any one node.")
-@click.option("--max-keys-per-s", type=click.FloatRange(min=1), default=None,
-              help="Keys each worker copies per second at most (default: no limit).")
+@click.option("--max-keys-per-s", type=click.FloatRange(min=0),
+              default=COPY_KEYS_PER_S_DEFAULT, show_default=True,
+              help="Keys each worker copies per second at most (0: no limit).")
 @click.option("--duration-before-s", type=click.FloatRange(0.5), default=5.0,
               show_default=True, help="Background measurement before the reshard.")
 @click.option("--duration-after-s", type=click.FloatRange(0), default=5.0,

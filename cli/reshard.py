@@ -22,7 +22,7 @@ from raftkv_cli.common import (
     open_cluster,
 )
 from shardmgr.moves import RESHARD_LIVE
-from shardmgr.reshard import PER_NODE_MAX_DEFAULT
+from shardmgr.reshard import COPY_KEYS_PER_S_DEFAULT, PER_NODE_MAX_DEFAULT
 
 POLL_S = 0.25
 EXIT_ABORTED = 1
@@ -38,9 +38,10 @@ EXIT_ABORTED = 1
 @click.option("--max-moves-per-node", type=click.IntRange(1, 64),
               default=PER_NODE_MAX_DEFAULT, show_default=True,
               help="Moves at once touching any one node.")
-@click.option("--max-keys-per-s", type=click.FloatRange(min=1), default=None,
+@click.option("--max-keys-per-s", type=click.FloatRange(min=0),
+              default=COPY_KEYS_PER_S_DEFAULT, show_default=True,
               help="Keys each worker copies per second at most: the reshard's pace, "
-              "for clients to keep their latency (default: no limit).")
+              "for clients to keep their latency (0: no limit).")
 @click.option("--plan", "plan_only", is_flag=True, help="Print the moves; change nothing.")
 @click.option("--status", "status_only", is_flag=True, help="Print the latest reshard's state.")
 @click.option("--abort", is_flag=True,
@@ -95,8 +96,9 @@ def reshard(cluster_dir: Path, keyspace: str, physical_shards: int | None, worke
               help="Workers in this process.")
 @click.option("--max-moves-per-node", type=click.IntRange(1, 64),
               default=PER_NODE_MAX_DEFAULT, show_default=True)
-@click.option("--max-keys-per-s", type=click.FloatRange(min=1), default=None,
-              help="Keys each worker copies per second at most (default: no limit).")
+@click.option("--max-keys-per-s", type=click.FloatRange(min=0),
+              default=COPY_KEYS_PER_S_DEFAULT, show_default=True,
+              help="Keys each worker copies per second at most (0: no limit).")
 @click.option("--id", "worker_id", default=None, help="Worker id (default host-pid).")
 @click.option("--exit-when-idle", is_flag=True, help="Stop when no move is left to claim.")
 @click.option("--log-level", default="WARNING", show_default=True)
@@ -115,7 +117,8 @@ def reshard_worker(cluster_dir: Path, workers: int, max_moves_per_node: int,
                         format="%(asctime)s reshard-worker %(levelname)s %(name)s: %(message)s")
     cluster = open_cluster(cluster_dir)
     trio.run(lambda: run_workers(cluster.client_addresses(), workers,
-                                 per_node_max=max_moves_per_node, keys_per_s=max_keys_per_s,
+                                 per_node_max=max_moves_per_node,
+                                 keys_per_s=max_keys_per_s or None,  # 0: no limit
                                  exit_when_idle=exit_when_idle, worker_id=worker_id))
 
 
@@ -123,7 +126,8 @@ def start_workers(cluster: LocalCluster, count: int, per_node_max: int,
                   keys_per_s: float | None = None,
                   log_level: str = "WARNING") -> list[subprocess.Popen[bytes]]:
     """``count`` worker processes, logging into the cluster directory
-    (at INFO, a line per move's cutover)."""
+    (at INFO, a line per move's cutover); ``keys_per_s``: each one's copy
+    pace (None: the workers' default, 0: no limit)."""
     processes = []
     pace = [] if keys_per_s is None else ["--max-keys-per-s", str(keys_per_s)]
     for i in range(count):

@@ -60,6 +60,13 @@ from shardmgr.state import (
 
 LEASE_S = 10.0
 PER_NODE_MAX_DEFAULT = 4
+# Keys a worker copies per second unless told otherwise (``--max-keys-per-s``;
+# 0 there for no limit). Each key copied is applied, and later deleted, on
+# every replica of two groups: CPU and disk the groups' clients share. With
+# the default two workers this keeps `raftkv bench reshard`'s background p99
+# at about twice its value before the reshard here, where an unpaced copy
+# raises it 2.4-5.7x (docs/PERFORMANCE.md, 2026-12-05).
+COPY_KEYS_PER_S_DEFAULT = 1750.0
 
 
 class MoveLost(StateError):

@@ -305,9 +305,10 @@ class Worker:
         clients share)."""
         if not self.keys_per_s:
             return
-        # A token bucket holding at most half a second of keys.
+        # A token bucket holding at most a page of keys: an idle spell (the
+        # move's steps) earns no burst that would copy a logical shard at once.
         now = time.monotonic()
-        self._tokens = min(self.keys_per_s / 2, self._tokens + (now - self._paced_at)
+        self._tokens = min(PAGE_KEYS, self._tokens + (now - self._paced_at)
                            * self.keys_per_s) - keys
         self._paced_at = now
         if self._tokens < 0:

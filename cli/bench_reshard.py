@@ -157,18 +157,12 @@ class Window:
     # and whether it wrote.
     started_at: list[float] = field(default_factory=list)
     wrote: list[bool] = field(default_factory=list)
-    reads: int = 0
-    writes: int = 0
     errors: dict[str, int] = field(default_factory=dict)
 
     def record(self, started: float, latency_s: float, write: bool) -> None:
         self.latencies_s.append(latency_s)
         self.started_at.append(started)
         self.wrote.append(write)
-        if write:
-            self.writes += 1
-        else:
-            self.reads += 1
 
     def summary(self) -> dict[str, Any]:
         elapsed_s = (self.ended or time.monotonic()) - self.started
@@ -176,8 +170,8 @@ class Window:
         writes = [t for t, w in zip(lat, self.wrote, strict=True) if w]
         reads = [t for t, w in zip(lat, self.wrote, strict=True) if not w]
         return {
-            "seconds": round(elapsed_s, 3), "ops": len(lat), "reads": self.reads,
-            "writes": self.writes, "ops_per_s": round(len(lat) / max(elapsed_s, 1e-9), 1),
+            "seconds": round(elapsed_s, 3), "ops": len(lat), "reads": len(reads),
+            "writes": len(writes), "ops_per_s": round(len(lat) / max(elapsed_s, 1e-9), 1),
             "p50_ms": _ms(percentile(lat, 0.50)), "p99_ms": _ms(percentile(lat, 0.99)),
             "max_ms": _ms(max(lat)) if lat else None,
             "read_p99_ms": _ms(percentile(reads, 0.99)),

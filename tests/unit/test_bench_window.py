@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cli.bench_reshard import Window
+from raftkv_cli.bench_reshard import Window
 
 
 def window() -> Window:

@@ -117,8 +117,7 @@ def reshard_worker(cluster_dir: Path, workers: int, max_moves_per_node: int,
                         format="%(asctime)s reshard-worker %(levelname)s %(name)s: %(message)s")
     cluster = open_cluster(cluster_dir)
     trio.run(lambda: run_workers(cluster.client_addresses(), workers,
-                                 per_node_max=max_moves_per_node,
-                                 keys_per_s=max_keys_per_s or None,  # 0: no limit
+                                 per_node_max=max_moves_per_node, keys_per_s=max_keys_per_s,
                                  exit_when_idle=exit_when_idle, worker_id=worker_id))
 
 

@@ -60,7 +60,7 @@ class Worker:
         self.pool = pool
         self.id = worker_id
         self.per_node_max = per_node_max
-        self.keys_per_s = keys_per_s  # a budget for the copy: the reshard's pace
+        self.keys_per_s = keys_per_s  # a budget for the copy: the reshard's pace (0, None: none)
         self._paced_at = time.monotonic()
         self._tokens = 0.0
         self.moves_done = 0

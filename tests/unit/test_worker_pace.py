@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import pytest
 import trio
 
 from shardmgr.worker import PAGE_KEYS, Worker
@@ -24,8 +25,9 @@ async def test_the_copy_keeps_to_its_pace() -> None:
     assert 0.4 <= elapsed < 1.5, elapsed
 
 
-async def test_no_pace_means_no_wait() -> None:
-    free = worker(None)
+@pytest.mark.parametrize("no_limit", [None, 0])  # 0: the CLI's `--max-keys-per-s 0`
+async def test_no_pace_means_no_wait(no_limit: float | None) -> None:
+    free = worker(no_limit)
     started = time.monotonic()
     for _ in range(100):
         await free._pace(1000)

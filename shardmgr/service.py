@@ -51,7 +51,7 @@ from typing import Any
 import trio
 
 from raftkv import config as configmod
-from raftkv.client.client import ConnectionPool, request_leader
+from raftkv.client.client import ConnectionPool, forget_other_groups, request_leader
 from raftkv.errors import (
     BadRequest,
     NotLeader,
@@ -577,6 +577,8 @@ class ManagerServer:
                         if any(rs.running(state, k) for k in state.keyspaces):
                             await self.change(lambda s: rs.tick(s, now=time.time()))
                     state = self.state
+                    forget_other_groups(self._group_leaders, state.shards)
+                    forget_other_groups(self._transfer_at, state.shards)
                     if (now - self._leading_since > NODE_DEAD_AFTER_S
                             and now - last_balance > LEADER_BALANCE_PERIOD_S):
                         last_balance = now

@@ -27,7 +27,13 @@ from typing import Any
 
 import trio
 
-from raftkv.client.client import AsyncClient, ConnectionPool, open_client, request_leader
+from raftkv.client.client import (
+    AsyncClient,
+    ConnectionPool,
+    forget_other_groups,
+    open_client,
+    request_leader,
+)
 from raftkv.errors import BadRequest, RaftKVError
 from raftkv.statemachine import layout
 from shardmgr.moves import FINAL, Move, MoveError, action, advance
@@ -101,6 +107,7 @@ class Worker:
 
     async def drive(self, move: Move, shards: dict[int, list[str]]) -> None:
         """Carry ``move`` from its phase to its end (or until it is dropped)."""
+        forget_other_groups(self._leaders, shards)
         try:
             await self._drive(move, shards)
         finally:

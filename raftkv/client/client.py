@@ -18,7 +18,7 @@ import contextlib
 import logging
 import os
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -227,6 +227,15 @@ class ConnectionPool:
         for conn in list(self._connections.values()):
             await conn.aclose()
         self._connections.clear()
+
+
+def forget_other_groups(cache: dict[int, Any], groups: Iterable[int]) -> None:
+    """Drop from a per-group cache (a leader, a time) every group not in
+    ``groups``: a reshard removes groups, and a long-lived process would
+    otherwise keep an entry for each group it ever talked to."""
+    keep = set(groups)
+    for gone in [g for g in cache if g not in keep]:
+        del cache[gone]
 
 
 async def request_leader(pool: ConnectionPool, addresses: list[str], msg: dict[str, Any],

@@ -1,4 +1,5 @@
-"""The resharding worker's copy pace (``--max-keys-per-s``): a token bucket."""
+"""The resharding worker's copy pace (``--max-keys-per-s``, a token bucket)
+and its cache of group leaders."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from typing import Any
 import pytest
 import trio
 
+from raftkv.client.client import forget_other_groups
+from shardmgr.moves import Move
 from shardmgr.worker import PAGE_KEYS, Worker
 
 
@@ -44,3 +47,21 @@ async def test_an_idle_spell_earns_at_most_a_page_of_burst() -> None:
     assert time.monotonic() - started < 0.05
     await paced._pace(PAGE_KEYS)  # beyond it: a page's time, 0.1 s
     assert time.monotonic() - started >= 0.08
+
+
+async def test_a_move_forgets_the_leaders_of_groups_it_does_not_touch() -> None:
+    # A reshard removes groups; a worker that lives through many reshards
+    # must not keep a leader for every group it ever copied to.
+    w = worker(None)
+    w._leaders.update({1: "a:1", 2: "b:2", 7: "c:7"})
+    finished = Move(id=1, keyspace="k", ks_id=1, total=8, ls=3, src=1, dst=2, phase="done")
+    await w.drive(finished, {1: ["a:1"], 2: ["b:2"]})
+    assert w._leaders == {1: "a:1", 2: "b:2"}
+
+
+def test_forget_other_groups_keeps_exactly_the_live_ones() -> None:
+    cache = {1: 0.5, 3: 1.5, 9: 2.0}
+    forget_other_groups(cache, {3: "live", 4: "live"})
+    assert cache == {3: 1.5}
+    forget_other_groups(cache, [])
+    assert cache == {}

@@ -61,11 +61,11 @@ def cluster_status(cluster: LocalCluster) -> dict[str, Any]:
                 leader_reports[s["id"]] = (n.id, s)
     nodes = []
     for n in cluster.config.nodes:
-        s = statuses.get(n.id)
+        reported = statuses.get(n.id)
         mine = hosted.get(n.id, [])
         nodes.append({
-            "id": n.id, "dc": n.dc, "pid": (s or {}).get("pid", cluster.pid(n.id)),
-            "client_address": n.client_address, "alive": s is not None,
+            "id": n.id, "dc": n.dc, "pid": (reported or {}).get("pid", cluster.pid(n.id)),
+            "client_address": n.client_address, "alive": reported is not None,
             "heartbeating": bool(heartbeats.get(n.id, {}).get("alive")),
             "replicas": len(mine),
             "leaders": sum(1 for r in mine if leader_reports.get(r["id"], ("",))[0] == n.id),

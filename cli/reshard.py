@@ -128,16 +128,23 @@ def start_workers(cluster: LocalCluster, count: int, per_node_max: int,
     (at INFO, a line per move's cutover); ``keys_per_s``: each one's copy
     pace (None: the workers' default, 0: no limit)."""
     processes = []
-    pace = [] if keys_per_s is None else ["--max-keys-per-s", str(keys_per_s)]
     for i in range(count):
         log = open(cluster.directory / f"reshard-worker-{i}.log", "ab")  # noqa: SIM115
         processes.append(subprocess.Popen(
-            [sys.executable, "-m", "raftkv_cli.main", "reshard-worker", "--dir",
-             str(cluster.directory), "--max-moves-per-node", str(per_node_max),
-             "--id", f"cli-{i}-{int(time.time())}", "--log-level", log_level, *pace],
+            [sys.executable, "-m", "raftkv_cli.main", "reshard-worker",
+             *worker_args(cluster.directory, f"cli-{i}-{int(time.time())}", per_node_max,
+                          keys_per_s, log_level)],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, close_fds=True))
         log.close()
     return processes
+
+
+def worker_args(cluster_dir: Path, worker_id: str, per_node_max: int,
+                keys_per_s: float | None, log_level: str) -> list[str]:
+    """The arguments of ``raftkv reshard-worker`` for one started worker."""
+    pace = [] if keys_per_s is None else ["--max-keys-per-s", str(keys_per_s)]
+    return ["--dir", str(cluster_dir), "--max-moves-per-node", str(per_node_max),
+            "--id", worker_id, "--log-level", log_level, *pace]
 
 
 def stop_workers(processes: list[subprocess.Popen[bytes]]) -> None:

@@ -35,7 +35,12 @@ PHASES = FORWARD + BACKWARD
 FINAL = ("done", "aborted")
 # Phases from which an abort is still possible (the destination has not activated).
 ABORTABLE = FORWARD[:FORWARD.index("activate") + 1]
-DELETE_CHUNK = 2000
+# Keys a cleanup (or purge) entry deletes, as many as a copy page holds
+# (worker.PAGE_KEYS): a node's hub thread applies the entries of every group it
+# hosts, so an entry deleting a whole logical shard (2,000 keys, until
+# 2026-12-05) held all of them back for milliseconds, and raised the clients'
+# p99 latency during a reshard by about a quarter (docs/PERFORMANCE.md).
+DELETE_CHUNK = 100
 
 
 @dataclass(frozen=True, slots=True)

@@ -62,6 +62,7 @@ from raftkv.faults import FaultSpec
 from raftkv.protocol.messages import DEFAULT_LIMITS, decode_envelope
 from raftkv.replication.hub import Relay
 from raftkv.replication.replica import Replica
+from raftkv.server.collector import CollectorStats, tune_collector
 from raftkv.server.node import FaultLinks, load_faults, run_until_signalled
 from raftkv.server.proposer import OnDone, Proposer
 from raftkv.server.rpc import RpcServer
@@ -168,6 +169,7 @@ class ManagerServer:
         self._group_leaders: dict[int, str] = {}  # the node that last answered, by group
         self._leading_since: float | None = None
         self.started_at = time.time()
+        self.collector: CollectorStats | None = None  # set by run_manager (its own process)
         self._rpc = RpcServer(decode_manager_request, self._dispatch,
                               frame_bytes_max=DEFAULT_LIMITS.frame_bytes_max,
                               drain_timeout_s=REQUEST_TIMEOUT_S)
@@ -456,6 +458,7 @@ class ManagerServer:
             # Since start: requests by op and error replies by code.
             "requests": dict(sorted(self._rpc.requests.items())),
             "errors": dict(sorted(self._rpc.errors.items())),
+            "gc": None if self.collector is None else self.collector.to_json(),
         }
 
     # -- resharding ---------------------------------------------------------------
@@ -713,4 +716,5 @@ def run_manager(cluster_dir: Path, manager_id: str, data_dir: Path | None = None
                            Path(data_dir) if data_dir else Path(cluster_dir) / manager_id,
                            load_faults(Path(cluster_dir), cluster))
     server.open()
+    server.collector = tune_collector()
     run_until_signalled(server.serve, server.close)

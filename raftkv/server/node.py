@@ -70,6 +70,7 @@ from raftkv.protocol.messages import (
 from raftkv.replication.hub import RaftHub, Relay
 from raftkv.replication.journal import NodeLog
 from raftkv.replication.replica import Replica
+from raftkv.server.collector import CollectorStats, tune_collector
 from raftkv.server.proposer import OnDone, Proposer
 from raftkv.server.rpc import RpcServer
 from raftkv.sharding import logical_shard, shard_key
@@ -150,6 +151,7 @@ class NodeServer:
         self._manager_leader: str | None = None
         self.map_version = 0
         self.started_at = time.time()
+        self.collector: CollectorStats | None = None  # set by run_node (its own process)
         self.listen_port: int | None = None
         self._relay: Relay | None = None  # results from the hub thread to trio
         self._rpc = RpcServer(lambda body: decode_request(body, self.limits),
@@ -665,6 +667,7 @@ class NodeServer:
             # error replies by code.
             "requests": dict(sorted(self._rpc.requests.items())),
             "errors": dict(sorted(self._rpc.errors.items())),
+            "gc": None if self.collector is None else self.collector.to_json(),
             "shards": shards,
         }
 
@@ -703,6 +706,7 @@ def run_node(cluster_dir: Path, node_id: str, data_dir: Path | None = None) -> N
     cluster, secret = configmod.load(cluster_dir)
     data = Path(data_dir) if data_dir else Path(cluster_dir) / node_id
     server = NodeServer(cluster, secret, node_id, data, faults=load_faults(cluster_dir, cluster))
+    server.collector = tune_collector()
     run_until_signalled(server.serve, server.close)
 
 

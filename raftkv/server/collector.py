@@ -9,9 +9,9 @@ command, its future, its reply) are promoted before they die; they pile up in
 the oldest generation, which is then collected every one or two seconds, for
 10-15 ms each on a leader of one group under 64 clients. With the first
 threshold at 10,000, most of those objects die young: the same leader ran one
-full collection instead of 15 in a 25 s run, and p99 latency at 64 clients
-(workload A, one shard) fell from 16.6-17.6 ms to 13.1 ms, with throughput
-up 5-12 % (docs/PERFORMANCE.md). ``gc.freeze()`` after start-up also keeps
+full collection instead of 15 in a 25 s run, and at 64 clients (workload A,
+one shard) p99 latency fell from 16.8-17.2 ms to 12.7-14.1 ms and throughput
+rose 9 %; at 8 shards neither moved beyond the noise (docs/PERFORMANCE.md). ``gc.freeze()`` after start-up also keeps
 the modules and configuration out of every later full collection.
 
 ``CollectorStats`` records each collection's pause through ``gc.callbacks``,

@@ -11,8 +11,9 @@ the oldest generation, which is then collected every one or two seconds, for
 threshold at 10,000, most of those objects die young: the same leader ran one
 full collection instead of 15 in a 25 s run, and at 64 clients (workload A,
 one shard) p99 latency fell from 16.8-17.2 ms to 12.7-14.1 ms and throughput
-rose 9 %; at 8 shards neither moved beyond the noise (docs/PERFORMANCE.md). ``gc.freeze()`` after start-up also keeps
-the modules and configuration out of every later full collection.
+rose 9 %; at 8 shards neither moved beyond the noise (docs/PERFORMANCE.md).
+``gc.freeze()`` after start-up also keeps the modules and configuration out of
+every later full collection.
 
 ``CollectorStats`` records each collection's pause through ``gc.callbacks``,
 for the node's and the manager's status.

@@ -35,12 +35,13 @@ PHASES = FORWARD + BACKWARD
 FINAL = ("done", "aborted")
 # Phases from which an abort is still possible (the destination has not activated).
 ABORTABLE = FORWARD[:FORWARD.index("activate") + 1]
-# Keys a cleanup (or purge) entry deletes, as many as a copy page holds
-# (worker.PAGE_KEYS): a node's hub thread applies the entries of every group it
+# Keys one entry of a move touches at most: a copy page, and a cleanup (or
+# purge) chunk. A node's hub thread applies the entries of every group it
 # hosts, so an entry deleting a whole logical shard (2,000 keys, until
 # 2026-12-05) held all of them back for milliseconds, and raised the clients'
 # p99 latency during a reshard by about a quarter (docs/PERFORMANCE.md).
-DELETE_CHUNK = 100
+PAGE_KEYS = 100
+DELETE_CHUNK = PAGE_KEYS
 
 
 @dataclass(frozen=True, slots=True)

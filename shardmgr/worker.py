@@ -36,11 +36,10 @@ from raftkv.client.client import (
 )
 from raftkv.errors import BadRequest, RaftKVError
 from raftkv.statemachine import layout
-from shardmgr.moves import FINAL, Move, MoveError, action, advance
+from shardmgr.moves import FINAL, PAGE_KEYS, Move, MoveError, action, advance
 
 log = logging.getLogger(__name__)
 
-PAGE_KEYS = 100
 SHIP_RECORDS = 500
 CATCHUP_LAG_RECORDS = 20  # freeze once a round of catch-up ships fewer than this
 CATCHUP_ROUNDS_MAX = 50

@@ -10,8 +10,8 @@ import pytest
 import trio
 
 from raftkv.client.client import forget_other_groups
-from shardmgr.moves import Move
-from shardmgr.worker import PAGE_KEYS, Worker
+from shardmgr.moves import PAGE_KEYS, Move
+from shardmgr.worker import Worker
 
 
 def worker(keys_per_s: float | None) -> Worker:
